@@ -1,0 +1,206 @@
+"""The real ComfyUI host for tests: import it, then build tiny random-weight models from its classes.
+
+Host selection: `COMFYUI_PATH` pointing at a checkout of upstream ComfyUI wins; otherwise the
+`comfy` package installed from PyPI (`comfyui==0.0.1`) is used. The models are ComfyUI's own
+UNet, CLIP and ModelPatcher classes with small widths, so sampling runs on CPU in seconds.
+"""
+import functools
+import importlib
+import os
+import pathlib
+import sys
+
+import torch
+
+STUBS = pathlib.Path(__file__).resolve().parent.parent / "stubs"
+
+TINY_CLIP = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": 32,
+    "vocab_size": 49408,
+    "bos_token_id": 0,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu", "hidden_size": 48, "projection_dim": 48}
+
+
+@functools.lru_cache(maxsize=None)
+def import_host():
+    """Import ComfyUI once (CPU mode) and return a short description of the host."""
+    path = os.environ.get("COMFYUI_PATH")
+    if path:
+        sys.path.insert(0, os.path.abspath(path))
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        # The registry's torchvision wheels are CUDA builds that fail to import with the CPU torch.
+        # ComfyUI imports torchvision at module level but SD code paths never call it.
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.path.insert(0, str(STUBS))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management (upstream raises without CUDA)
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.samplers  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    try:
+        version = importlib.import_module("comfyui_version").__version__
+        kind = "upstream ComfyUI"
+    except ImportError:
+        from importlib.metadata import version as dist_version
+
+        version = dist_version("comfyui")
+        kind = "PyPI comfyui"
+    where = os.path.dirname(os.path.abspath(list(comfy.__path__)[0]))
+    return f"{kind} {version} at {where}"
+
+
+def _init_weights(module, seed):
+    """ComfyUI builds layers without initialising them; give every layer PyTorch's default init."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for sub in module.modules():
+        for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d,
+                     torch.nn.Embedding) + norm_types:
+            if isinstance(sub, base):
+                base.reset_parameters(sub)
+                break
+    for name, param in module.named_parameters():
+        if name.endswith("position_embedding.weight") or name.endswith("position_ids"):
+            continue
+        if torch.isnan(param).any() or (param.dtype.is_floating_point and not param.abs().sum()):
+            with torch.no_grad():
+                param.normal_(0, 0.02)
+    torch.random.set_rng_state(generator_state)
+
+
+# Tiny UNet configurations keep the real architectures' level structure (where attention sits,
+# which levels are downsampled) with small widths and one res-block per level.
+UNET_CONFIGS = {
+    "sd15": dict(model_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=[1, 1, 1, 1],
+                 transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_middle=1, context_dim=32, use_linear_in_transformer=False,
+                 adm_in_channels=None),
+    "sd2": dict(model_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=[1, 1, 1, 1],
+                transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0],
+                transformer_depth_middle=1, context_dim=32, use_linear_in_transformer=True,
+                adm_in_channels=None),
+    "sdxl": dict(model_channels=32, channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1],
+                 transformer_depth=[0, 1, 2], transformer_depth_output=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_middle=1, context_dim=80, use_linear_in_transformer=True,
+                 adm_in_channels=48 + 6 * 256, num_classes="sequential"),
+}
+
+
+def _full_unet_config(family, in_channels):
+    config = dict(UNET_CONFIGS[family])
+    config.update(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+                  in_channels=in_channels, out_channels=4, use_temporal_resblock=False,
+                  use_temporal_attention=False, num_head_channels=-1, num_heads=8)
+    return config
+
+
+def build_model(family="sd15", ip2p=False, seed=0, v_prediction=False):
+    """A ModelPatcher around a tiny random-weight UNet built by ComfyUI's own model classes."""
+    import_host()
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    classes = {("sd15", False): sm.SD15, ("sd15", True): sm.SD15_instructpix2pix,
+               ("sd2", False): sm.SD20, ("sdxl", False): sm.SDXL,
+               ("sdxl", True): sm.SDXL_instructpix2pix}
+    model_config = classes[(family, ip2p)](_full_unet_config(family, 8 if ip2p else 4))
+    model_config.unet_config.update(num_heads=8, num_head_channels=-1)
+    if family == "sd2":
+        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        model = model_config.get_model({})
+    _init_weights(model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _sd1_clip_module():
+    import comfy.sd1_clip
+
+    return comfy.sd1_clip
+
+
+def _sd2_tokenizer():
+    for name in ("comfy.text_encoders.sd2_clip", "comfy.sd2_clip"):
+        try:
+            return importlib.import_module(name).SD2Tokenizer
+        except ImportError:
+            continue
+    raise ImportError("no SD2Tokenizer in this ComfyUI")
+
+
+def build_clip(family="sd15", seed=0):
+    """A comfy.sd.CLIP with ComfyUI's real tokenizer and a tiny random-weight text encoder."""
+    import_host()
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    sd1_clip = _sd1_clip_module()
+    if family == "sd15":
+        clip_class = functools.partial(sd1_clip.SD1ClipModel, clip_model=sd1_clip.SDClipModel,
+                                       textmodel_json_config=dict(TINY_CLIP))
+        tokenizer = sd1_clip.SD1Tokenizer
+    elif family == "sd2":
+        clip_class = functools.partial(
+            sd1_clip.SD1ClipModel, clip_name="h", clip_model=sd1_clip.SDClipModel,
+            textmodel_json_config=dict(TINY_CLIP), layer="hidden", layer_idx=-2,
+            special_tokens={"start": 49406, "end": 49407, "pad": 0})
+        tokenizer = _sd2_tokenizer()
+    elif family == "sdxl":
+        clip_class = TinySDXLClip
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+    else:
+        raise ValueError(family)
+    target = comfy.supported_models_base.ClipTarget(tokenizer, clip_class)
+    with torch.no_grad():  # ComfyUI builds text encoders outside autograd
+        clip = comfy.sd.CLIP(target)
+    _init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def _tiny_sdxl_clip_class():
+    import comfy.sdxl_clip
+
+    sd1_clip = _sd1_clip_module()
+
+    class _TinySDXLClip(comfy.sdxl_clip.SDXLClipModel):
+        """SDXLClipModel's structure (CLIP-L penultimate + CLIP-G penultimate, pooled from G)."""
+
+        def __init__(self, device="cpu", dtype=None, **_):
+            torch.nn.Module.__init__(self)
+            self.clip_l = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                               layer_norm_hidden_state=False,
+                                               textmodel_json_config=dict(TINY_CLIP))
+            self.clip_g = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                               layer_norm_hidden_state=False, return_projected_pooled=True,
+                                               textmodel_json_config=dict(TINY_CLIP_G),
+                                               special_tokens={"start": 49406, "end": 49407, "pad": 0})
+            self.dtypes = {dtype}
+
+    return _TinySDXLClip
+
+
+def TinySDXLClip(**kwargs):  # noqa: N802 - used as a class by comfy.sd.CLIP
+    return _tiny_sdxl_clip_class()(**kwargs)
