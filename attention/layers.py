@@ -1,0 +1,132 @@
+"""Find a UNet's attention layers and install replace patches on them, composing with others.
+
+Layers are chosen by their resolution level (how many times the latent was downsampled before
+them), not by block number, so one choice means the same thing on SD1.x, SD2.x and SDXL: level 2
+is 1/4 of the latent (16x16 at 512 px on SD1.x, 32x32 at 1024 px on SDXL).
+"""
+import math
+from dataclasses import dataclass
+
+BLOCK_PARTS = ("input", "middle", "output")
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One transformer block's attention, addressed as ComfyUI's patches_replace keys it."""
+
+    part: str  # "input" | "middle" | "output"
+    block: int  # index in input_blocks / output_blocks (0 for middle)
+    index: int  # transformer_index inside the SpatialTransformer
+    level: int  # downsampling level: the layer runs at latent / 2**level
+
+    @property
+    def key(self):
+        return (self.part, self.block, self.index)
+
+    def grid(self, latent_h, latent_w):
+        """(h, w) of this layer's feature map for a latent of that size (stride-2 convs round up)."""
+        h, w = latent_h, latent_w
+        for _ in range(self.level):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return h, w
+
+
+def _is(module, class_name):
+    return type(module).__name__ == class_name
+
+
+def _transformer_layers(block_module, part, block_index, level):
+    for module in block_module:
+        if _is(module, "SpatialTransformer"):
+            for index, transformer in enumerate(module.transformer_blocks):
+                yield AttentionLayer(part, block_index, index, level), transformer
+
+
+def unet_attention_layers(model_patcher, cross_only=True):
+    """All transformer blocks of the model's UNet as (AttentionLayer, BasicTransformerBlock).
+
+    cross_only keeps blocks whose attn2 attends to the text context (SD/SDXL: all of them).
+    """
+    unet = model_patcher.model.diffusion_model
+    if not hasattr(unet, "input_blocks"):
+        raise TypeError(
+            "attention-edit needs a UNet model (SD1.x, SD2.x, SDXL and their InstructPix2Pix or "
+            f"inpainting variants); this model's diffusion_model is {type(unet).__name__}."
+        )
+    found = []
+    level = 0
+    for block_index, block in enumerate(unet.input_blocks):
+        found.extend(_transformer_layers(block, "input", block_index, level))
+        if any(_is(m, "Downsample") for m in block):
+            level += 1
+    found.extend(_transformer_layers(unet.middle_block, "middle", 0, level))
+    for block_index, block in enumerate(unet.output_blocks):
+        found.extend(_transformer_layers(block, "output", block_index, level))
+        if any(_is(m, "Upsample") for m in block):
+            level -= 1
+    if cross_only:
+        found = [(layer, t) for layer, t in found if getattr(t, "attn2", None) is not None]
+    return found
+
+
+def select_layers(model_patcher, level, parts=("input", "output")):
+    """The cross-attention layers at one resolution level in the given UNet parts."""
+    unknown = set(parts) - set(BLOCK_PARTS)
+    if unknown:
+        raise ValueError(f"unknown UNet part(s) {sorted(unknown)}; use any of {BLOCK_PARTS}")
+    layers = [layer for layer, _ in unet_attention_layers(model_patcher) if layer.part in parts]
+    chosen = [layer for layer in layers if layer.level == level]
+    if not chosen:
+        available = sorted({layer.level for layer in layers})
+        raise ValueError(
+            f"this model has no cross-attention at 1/{2 ** level} of the latent in {list(parts)}; "
+            f"choose one of: {', '.join(f'1/{2 ** lv}' for lv in available)}"
+        )
+    return chosen
+
+
+def existing_replace(model_patcher, kind, layer):
+    """The replace patch another node already set on this layer (exact key first, as ComfyUI)."""
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    by_key = patches.get(kind, {})
+    return by_key.get(layer.key, by_key.get(layer.key[:2]))
+
+
+def install_replace(model_patcher, kind, layer, make_patch):
+    """Set make_patch(inner) as the layer's `kind` ("attn1"/"attn2") replace patch.
+
+    inner is the patch that was there before (IPAdapter, InstantID, ...) or None; the new patch
+    must call it for the layer's output so it keeps working. Call only on a clone.
+    """
+    inner = existing_replace(model_patcher, kind, layer)
+    model_patcher.set_model_patch_replace(make_patch(inner), kind, *layer.key)
+
+
+class ReplacePatch:
+    """Base for the pack's replace patches: composes with an inner patch and with ComfyUI's
+    device moves and model clones.
+
+    Subclasses implement __call__(q, k, v, extra_options) and use `self.attend` for the output
+    the layer would give without them.
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def attend(self, q, k, v, extra_options):
+        if self.inner is not None:
+            return self.inner(q, k, v, extra_options)
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(q, k, v, extra_options["n_heads"],
+                                   attn_precision=extra_options.get("attn_precision"))
+
+    def to(self, device):
+        # ComfyUI moves patch objects that have .to(); forward it to the wrapped patch.
+        if self.inner is not None and hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device)
+        return self
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; a copy would record into a stranger.
+        return self

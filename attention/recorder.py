@@ -1,0 +1,135 @@
+"""Record cross-attention probabilities during ComfyUI sampling, as running sums on the device.
+
+The recorder sets attn2 replace patches on a model clone, only on the layers of one resolution
+level. Each patch returns exactly what the layer would return without it (the inner patch such as
+IPAdapter's, or ComfyUI's own attention) and adds softmax(QK^T/sqrt(d)) of the chosen branch to a
+running sum, so memory does not grow with the number of steps.
+"""
+import torch
+
+from .layers import ReplacePatch, install_replace, select_layers
+from .maps import AttentionMaps
+
+BRANCHES = {"cond": 0, "uncond": 1}
+
+
+def attention_probs(q, k, heads):
+    """softmax(Q K^T / sqrt(d)) averaged over heads, in float32: [batch, queries, tokens]."""
+    batch, queries, inner = q.shape
+    dim_head = inner // heads
+    qh = q.reshape(batch, queries, heads, dim_head).transpose(1, 2).float()
+    kh = k.reshape(batch, k.shape[1], heads, dim_head).transpose(1, 2).float()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def step_of_sigma(schedule, sigma):
+    """Index i of the sampling step whose interval (schedule[i+1], schedule[i]] holds sigma."""
+    later = (schedule[1:] >= sigma * (1 - 1e-4)).sum()
+    return min(int(later), len(schedule) - 2)
+
+
+class _RecordingPatch(ReplacePatch):
+    def __init__(self, recorder, layer, inner):
+        super().__init__(inner)
+        self.recorder = recorder
+        self.layer = layer
+
+    def __call__(self, q, k, v, extra_options):
+        out = self.attend(q, k, v, extra_options)
+        self.recorder.observe(self.layer, q, k, extra_options)
+        return out
+
+
+class AttentionRecorder:
+    """Running mean of cross-attention maps over chosen layers, steps, branch and tokens.
+
+    level: resolution level (2 = 1/4 of the latent, "16x16" for SD1.x at 512 px).
+    parts: UNet parts to record ("input", "middle", "output").
+    branch: "cond" or "uncond".
+    steps: None for every step, else a container of step indices (needs the schedule).
+    """
+
+    def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None):
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
+        self.level = level
+        self.parts = tuple(parts)
+        self.branch = BRANCHES[branch]
+        self.steps = None if steps is None else set(steps)
+        self.layers = []
+        self.schedule = None
+        self.latent_hw = None
+        self.reset()
+
+    def reset(self):
+        self.total = None  # [batch, h*w, tokens] float32 on the sampling device
+        self.count = 0
+        self.steps_seen = set()
+        self._last_sigma = (None, None)
+
+    def install(self, model_clone, latent_hw, schedule=None):
+        """Patch `model_clone` (a ModelPatcher.clone(), never the caller's model) and return it."""
+        self.layers = select_layers(model_clone, self.level, self.parts)
+        self.latent_hw = tuple(latent_hw)
+        self.schedule = None if schedule is None else schedule.detach().float().cpu()
+        for layer in self.layers:
+            install_replace(model_clone, "attn2", layer,
+                            lambda inner, layer=layer: _RecordingPatch(self, layer, inner))
+        return model_clone
+
+    @property
+    def grid(self):
+        return self.layers[0].grid(*self.latent_hw)
+
+    def _current_step(self, extra_options):
+        sigmas = extra_options.get("sigmas")
+        schedule = self.schedule
+        if schedule is None and extra_options.get("sample_sigmas") is not None:
+            schedule = extra_options["sample_sigmas"].detach().float().cpu()
+        if sigmas is None or schedule is None:
+            return None
+        if self._last_sigma[0] is not sigmas:  # one look-up per UNet call, not per layer
+            self._last_sigma = (sigmas, step_of_sigma(schedule, float(sigmas.max())))
+        return self._last_sigma[1]
+
+    def observe(self, layer, q, k, extra_options):
+        h, w = self.grid
+        if q.shape[1] != h * w:
+            return  # an area-conditioned chunk, not the whole latent
+        if self.steps is not None:
+            step = self._current_step(extra_options)
+            if step is None or step not in self.steps:
+                return
+            self.steps_seen.add(step)
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        per_chunk = q.shape[0] // len(chunks)
+        rows = [i for i, kind in enumerate(chunks) if kind == self.branch]
+        if not rows:
+            return
+        index = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in rows]).to(q.device)
+        probs = attention_probs(q.index_select(0, index), k.index_select(0, index),
+                                extra_options["n_heads"])
+        probs = probs.reshape(len(rows), per_chunk, *probs.shape[1:]).sum(0)
+        if self.total is None or self.total.shape != probs.shape:
+            self.total = torch.zeros_like(probs)
+            self.count = 0
+        self.total += probs
+        self.count += len(rows)
+
+    def mean(self):
+        """Mean map so far, [batch, h, w, tokens], or None before anything was recorded."""
+        if self.total is None:
+            return None
+        h, w = self.grid
+        return (self.total / self.count).reshape(self.total.shape[0], h, w, self.total.shape[-1])
+
+    def maps(self, tokens=None):
+        """The recording as an ATTENTION_MAPS object."""
+        mean = self.mean()
+        if mean is None:
+            raise RuntimeError(
+                "no cross-attention was recorded: check that the sampling ran the chosen steps and "
+                "that the conditioning covers the whole image"
+            )
+        return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level)

@@ -1,0 +1,64 @@
+"""Attention maps -> MASK / heatmap overlays (pure torch, no ComfyUI import)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .filters import gaussian_smooth, minmax_normalize
+
+COMBINE_MODES = ("union", "intersection", "mean")
+
+
+def resize_maps(maps, out_hw, mode="bilinear"):
+    """[B, h, w] -> [B, H, W]."""
+    if tuple(maps.shape[-2:]) == tuple(out_hw):
+        return maps
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(maps[:, None].float(), size=tuple(out_hw), mode=mode, **kwargs)[:, 0]
+
+
+def blur(maps, sigma):
+    """Gaussian blur with std `sigma` in map pixels (0 = none); kernel covers 3 sigma."""
+    if sigma <= 0:
+        return maps
+    size = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_smooth(maps, kernel_size=size, sigma=sigma, ae_compat=False)
+
+
+def word_mask(word_map, out_hw, blur_sigma=1.0, threshold=0.5):
+    """One word's map [B, h, w] -> mask [B, H, W] in 0..1.
+
+    Blur at map resolution, min-max per image, upscale bilinearly; threshold > 0 gives a binary
+    mask (>= threshold), threshold 0 keeps the soft map.
+    """
+    soft = minmax_normalize(blur(word_map.float(), blur_sigma))
+    soft = resize_maps(soft, out_hw).clamp(0, 1)
+    return (soft >= threshold).float() if threshold > 0 else soft
+
+
+def combine(masks, mode="union"):
+    """Combine per-word masks [K, B, H, W] -> [B, H, W]."""
+    if mode == "union":
+        return masks.amax(0)
+    if mode == "intersection":
+        return masks.amin(0)
+    if mode == "mean":
+        return masks.mean(0)
+    raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
+
+
+def colormap(values):
+    """Values in 0..1 [..] -> RGB [.., 3] with a blue-cyan-yellow-red ramp (jet-like)."""
+    v = values.clamp(0, 1)[..., None]
+    stops = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.5, 1.0], [0.5, 1.0, 0.5], [1.0, 1.0, 0.0],
+                          [1.0, 0.0, 0.0]], device=values.device, dtype=torch.float32)
+    pos = v * (len(stops) - 1)
+    low = pos.floor().clamp(max=len(stops) - 2).long()
+    frac = pos - low
+    return stops[low[..., 0]] * (1 - frac) + stops[low[..., 0] + 1] * frac
+
+
+def heatmap_overlay(image, word_map, opacity=0.6):
+    """image [B, H, W, 3] in 0..1 and a map [B, h, w] -> overlay [B, H, W, 3]."""
+    soft = resize_maps(minmax_normalize(word_map.float()), image.shape[1:3]).clamp(0, 1)
+    return (image[..., :3].float() * (1 - opacity) + colormap(soft) * opacity).clamp(0, 1)

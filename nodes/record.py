@@ -1,0 +1,108 @@
+"""KSampler (Record Attention), Attention Heatmap and Attention Mask nodes."""
+import torch
+
+from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
+from ..masks.attention_mask import combine as combine_masks
+from ..masks.label import draw_label
+from ..samplers.record import sample_recording
+from .common import CATEGORY, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs, split_words
+
+
+class KSamplerRecordAttention:
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = sampler_inputs()
+        inputs["resolution"] = resolution_input()
+        inputs["layers"] = parts_input()
+        inputs["branch"] = (["cond", "uncond"], {"default": "cond", "tooltip":
+                            "Record the positive (cond) or negative (uncond) prompt's attention."})
+        return {"required": inputs}
+
+    RETURN_TYPES = ("LATENT", "ATTENTION_MAPS")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("A KSampler that also records where each word of the prompt looks: the mean "
+                   "cross-attention over the chosen layers and all steps.")
+
+    def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+            denoise, resolution, layers, branch):
+        return sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                latent_image, denoise=denoise, level=LEVELS[resolution],
+                                parts=PARTS[layers], branch=branch)
+
+
+def _words_or_all(maps, words):
+    chosen = split_words(words)
+    if chosen:
+        return chosen
+    if maps.tokens is None:
+        raise ValueError("type the words to show: these maps carry no prompt words")
+    return maps.tokens.word_list()
+
+
+class AttentionHeatmap:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "attention_maps": ("ATTENTION_MAPS",),
+            "image": ("IMAGE", {"tooltip": "The image the maps belong to (e.g. the VAE-decoded latent)."}),
+            "words": ("STRING", {"default": "", "tooltip":
+                      "Comma-separated words or phrases of the prompt; empty shows every word."}),
+            "opacity": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "One heatmap overlay per word (and per image), with the word written on it."
+
+    def run(self, attention_maps, image, words, opacity):
+        batch = attention_maps.batch
+        if image.shape[0] not in (1, batch):
+            raise ValueError(f"image has {image.shape[0]} images but the attention maps have {batch}; "
+                             "connect the images the maps were recorded for")
+        image = image.expand(batch, *image.shape[1:]) if image.shape[0] == 1 else image
+        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word), opacity), word)
+                    for word in _words_or_all(attention_maps, words)]
+        return (torch.cat(overlays).to(image.dtype),)
+
+
+class AttentionMask:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "attention_maps": ("ATTENTION_MAPS",),
+            "words": ("STRING", {"default": "", "tooltip":
+                      "Comma-separated words or phrases of the prompt whose region you want."}),
+            "blur": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
+                     "Gaussian blur of the maps, in attention-map pixels, before thresholding."}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                          "Binary mask at this fraction of each map's range; 0 gives the soft map."}),
+            "combine": (list(COMBINE_MODES), {"default": "union"}),
+        }}
+
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "A MASK at image size (8x the latent) from the attention of one or more words."
+
+    def run(self, attention_maps, words, blur, threshold, combine):
+        chosen = split_words(words)
+        if not chosen:
+            raise ValueError("type at least one word of the prompt in 'words'")
+        height, width = (8 * s for s in attention_maps.latent_hw)
+        masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
+                             for word in chosen])
+        return (combine_masks(masks, combine),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "AttentionEditKSamplerRecord": KSamplerRecordAttention,
+    "AttentionEditHeatmap": AttentionHeatmap,
+    "AttentionEditMask": AttentionMask,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AttentionEditKSamplerRecord": "KSampler (Record Attention)",
+    "AttentionEditHeatmap": "Attention Heatmap",
+    "AttentionEditMask": "Attention Mask",
+}

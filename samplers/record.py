@@ -1,0 +1,24 @@
+"""KSampler that records cross-attention maps on the side."""
+from ..attention.recorder import AttentionRecorder
+from ..attention.tokens import ANNOTATION_KEY
+from .common import ksample, schedule
+
+
+def _annotation(conditioning):
+    for _, options in conditioning:
+        if ANNOTATION_KEY in options:
+            return options[ANNOTATION_KEY]
+    return None
+
+
+def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                     denoise=1.0, level=2, parts=("input", "output"), branch="cond"):
+    """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
+    patched = model.clone()
+    sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
+    recorder = AttentionRecorder(level=level, parts=parts, branch=branch)
+    recorder.install(patched, latent["samples"].shape[-2:], sigmas)
+    out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
+                  denoise=denoise)
+    prompt = positive if branch == "cond" else negative
+    return out, recorder.maps(_annotation(prompt))
