@@ -104,16 +104,29 @@ UNET_CONFIGS = {
 }
 
 
-def _full_unet_config(family, in_channels):
-    config = dict(UNET_CONFIGS[family])
+# Full-size SD1.5 (860M parameters) for benchmarks: the real widths and depths.
+FULL_CONFIGS = {
+    "sd15": dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                 transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
+                 adm_in_channels=None),
+}
+
+
+def _full_unet_config(family, in_channels, size="tiny"):
+    config = dict((UNET_CONFIGS if size == "tiny" else FULL_CONFIGS)[family])
     config.update(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
                   in_channels=in_channels, out_channels=4, use_temporal_resblock=False,
                   use_temporal_attention=False, num_head_channels=-1, num_heads=8)
     return config
 
 
-def build_model(family="sd15", ip2p=False, seed=0, v_prediction=False):
-    """A ModelPatcher around a tiny random-weight UNet built by ComfyUI's own model classes."""
+def build_model(family="sd15", ip2p=False, seed=0, size="tiny"):
+    """A ModelPatcher around a random-weight UNet built by ComfyUI's own model classes.
+
+    size "tiny" (tests) or "full" (benchmarks; SD1.5 and SD1.5-IP2P only).
+    """
     import_host()
     import comfy.model_base
     import comfy.model_management
@@ -123,7 +136,7 @@ def build_model(family="sd15", ip2p=False, seed=0, v_prediction=False):
     classes = {("sd15", False): sm.SD15, ("sd15", True): sm.SD15_instructpix2pix,
                ("sd2", False): sm.SD20, ("sdxl", False): sm.SDXL,
                ("sdxl", True): sm.SDXL_instructpix2pix}
-    model_config = classes[(family, ip2p)](_full_unet_config(family, 8 if ip2p else 4))
+    model_config = classes[(family, ip2p)](_full_unet_config(family, 8 if ip2p else 4, size))
     model_config.unet_config.update(num_heads=8, num_head_channels=-1)
     if family == "sd2":
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)

@@ -1,0 +1,36 @@
+"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit]`.
+
+Full-size SD1.5 UNets with random weights on CPU, variants timed side by side in one run
+(interleaved repeats, medians). CPU times are noisy; the ratios are what count.
+"""
+import argparse
+import importlib
+import time
+
+from common import host, setup
+
+BENCHES = ("record", "instdiffedit", "foi", "magedit")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps-256", type=int, default=4)
+    parser.add_argument("--steps-512", type=int, default=2)
+    args = parser.parse_args()
+    print(f"host: {setup()}")
+    models = {}
+    for name in args.only.split(","):
+        name = name.strip()
+        module = importlib.import_module(f"bench_{name}")
+        ip2p = getattr(module, "IP2P", False)
+        if ip2p not in models:
+            start = time.perf_counter()
+            models[ip2p] = host.build_model("sd15", ip2p=ip2p, size="full")
+            print(f"built full-size SD1.5{' IP2P' if ip2p else ''} UNet in {time.perf_counter() - start:.1f} s")
+        module.run(args, models[ip2p])
+
+
+if __name__ == "__main__":
+    main()
