@@ -181,11 +181,19 @@ def annotate(conditioning, tokens):
     return [[cond, {**options, ANNOTATION_KEY: tokens}] for cond, options in conditioning]
 
 
-def tokens_of(conditioning, input_name="positive"):
-    """The PromptTokens carried by a CONDITIONING, or a clear error naming the node to use."""
+def annotation_of(conditioning):
+    """The PromptTokens carried by a CONDITIONING, or None for plain CLIP Text Encode output."""
     for _, options in conditioning:
         if ANNOTATION_KEY in options:
             return options[ANNOTATION_KEY]
+    return None
+
+
+def tokens_of(conditioning, input_name="positive"):
+    """The PromptTokens carried by a CONDITIONING, or a clear error naming the node to use."""
+    tokens = annotation_of(conditioning)
+    if tokens is not None:
+        return tokens
     raise ValueError(
         f"the '{input_name}' conditioning does not say which tokens are which words. Encode the "
         "prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP Text Encode; "

@@ -1,14 +1,7 @@
 """KSampler that records cross-attention maps on the side."""
 from ..attention.recorder import AttentionRecorder
-from ..attention.tokens import ANNOTATION_KEY
+from ..attention.tokens import annotation_of
 from .common import ksample, schedule
-
-
-def _annotation(conditioning):
-    for _, options in conditioning:
-        if ANNOTATION_KEY in options:
-            return options[ANNOTATION_KEY]
-    return None
 
 
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
@@ -21,4 +14,4 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
     prompt = positive if branch == "cond" else negative
-    return out, recorder.maps(_annotation(prompt))
+    return out, recorder.maps(annotation_of(prompt))
