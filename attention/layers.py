@@ -4,6 +4,8 @@ Layers are chosen by their resolution level (how many times the latent was downs
 them), not by block number, so one choice means the same thing on SD1.x, SD2.x and SDXL: level 2
 is 1/4 of the latent (16x16 at 512 px on SD1.x, 32x32 at 1024 px on SDXL).
 """
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -102,6 +104,24 @@ def install_replace(model_patcher, kind, layer, make_patch):
     model_patcher.set_model_patch_replace(make_patch(inner), kind, *layer.key)
 
 
+@functools.lru_cache(maxsize=8)
+def _takes_transformer_options(function):
+    return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options"
+               for p in inspect.signature(function).parameters.values())
+
+
+def comfy_attention(q, k, v, extra_options):
+    """What ComfyUI's CrossAttention computes for these projected q, k, v (its selected kernel;
+    current ComfyUI also passes transformer_options, for attention overrides)."""
+    from comfy.ldm.modules import attention
+
+    function = attention.optimized_attention
+    kwargs = {"attn_precision": extra_options.get("attn_precision")}
+    if _takes_transformer_options(function):
+        kwargs["transformer_options"] = extra_options
+    return function(q, k, v, extra_options["n_heads"], **kwargs)
+
+
 class ReplacePatch:
     """Base for the pack's replace patches: composes with an inner patch and with ComfyUI's
     device moves and model clones.
@@ -116,10 +136,7 @@ class ReplacePatch:
     def attend(self, q, k, v, extra_options):
         if self.inner is not None:
             return self.inner(q, k, v, extra_options)
-        from comfy.ldm.modules.attention import optimized_attention
-
-        return optimized_attention(q, k, v, extra_options["n_heads"],
-                                   attn_precision=extra_options.get("attn_precision"))
+        return comfy_attention(q, k, v, extra_options)
 
     def to(self, device):
         # ComfyUI moves patch objects that have .to(); forward it to the wrapped patch.
