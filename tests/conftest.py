@@ -7,6 +7,13 @@ from ae_testlib.pack import register_pack  # noqa: E402
 
 register_pack()
 
+try:  # switch ComfyUI to CPU mode before any test module imports pack code that imports comfy
+    from ae_testlib import host
+
+    host.import_host()
+except ImportError:  # no ComfyUI: the pure-tensor tests still run, host tests fail loudly
+    pass
+
 pytest_plugins = ["ae_testlib.fixtures"]
 
 import torch  # noqa: E402

@@ -1,0 +1,170 @@
+"""FoI nodes: Instruction Text Encode, FoI Sampler, FoI Guider."""
+import torch
+
+from ..attention.instructions import annotate_instructions, parse_instructions
+from ..masks.label import draw_label
+from ..samplers.foi import START_MODES, FoIConfig, foi_guider, image_masks, parse_alphas, sample_foi
+from .common import CATEGORY
+from .encode import encode
+
+FOI_CATEGORY = f"{CATEGORY}/foi"
+
+
+class InstructionTextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP",),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "default": "put a *hat* on the dog; make the *sky* a sunset", "tooltip":
+                                "The edit instruction: sub-instructions separated by ';' or new lines, "
+                                "each with ONE keyword between asterisks (the object it edits or adds). "
+                                "The asterisks are removed; the rest is encoded as one prompt."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("instruction", "null_instruction")
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("Encodes an InstructPix2Pix instruction made of sub-instructions with marked keywords, "
+                   "e.g. 'put a *hat* on the dog; make the *sky* a sunset', as ONE prompt and records "
+                   "each sub-instruction's tokens and keyword for FoI. null_instruction is the empty "
+                   "prompt (IP2P's negative). Connect both to InstructPixToPixConditioning.")
+
+    def run(self, clip, text):
+        instructions = parse_instructions(clip, text)
+        positive = annotate_instructions(encode(clip, instructions.text), instructions)
+        return (positive, encode(clip, ""))
+
+
+def _foi_inputs():
+    return {
+        "text_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
+                     "s_T: how strongly the instruction is followed (inside its mask while disentangling)."}),
+        "image_cfg": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 100.0, "step": 0.05, "round": 0.01, "tooltip":
+                      "s_I: how strongly the source image is kept."}),
+        "gamma": ("INT", {"default": 3, "min": 0, "max": 10, "tooltip":
+                  "Rounds of 'square, then min-max normalise' that sharpen each keyword map (Eq. 2)."}),
+        "tau": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Mask threshold on the sharpened map (the paper samples it from 0.4-0.7). Lower = larger masks."}),
+        "blur_kernel": ("INT", {"default": 3, "min": 1, "max": 15, "step": 2, "tooltip":
+                        "Gaussian filter size applied to the 16x16 keyword maps before sharpening (1 = off)."}),
+        "blur_sigma": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+                       "Gaussian filter sigma (Attend-and-Excite's 0.5)."}),
+        "modulation": ("BOOLEAN", {"default": True, "tooltip":
+                       "Cross-condition attention modulation (Eq. 3-7): outside its mask an instruction's "
+                       "attention is replaced by the null instruction's. From the second step on."}),
+        "alpha": ("STRING", {"default": "1.0", "tooltip":
+                  "Strength of each sub-instruction inside its mask, comma-separated in instruction "
+                  "order (e.g. '1.0, 0.5'); one value applies to all."}),
+        "disentangle_fraction": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                 "Fraction of the steps that use mask-guided disentangle sampling (Eq. 9): "
+                                 "the instruction only acts inside the union of the masks. Plain IP2P after."}),
+    }
+
+
+def _config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, modulation, alpha, disentangle_fraction):
+    return FoIConfig(s_T=text_cfg, s_I=image_cfg, gamma=gamma, tau=tau, kernel_size=blur_kernel,
+                     sigma=blur_sigma, modulation=modulation, alphas=parse_alphas(alpha),
+                     disentangle_fraction=disentangle_fraction)
+
+
+def mask_preview(masks, keywords, latent_hw, scale=8):
+    """[B, K, h, w] masks -> IMAGE [B, H, K*W, 3]: the keyword masks side by side, labelled."""
+    b, k = masks.shape[:2]
+    big = image_masks(masks, latent_hw, scale).reshape(b, k, latent_hw[0] * scale, latent_hw[1] * scale)
+    tiles = []
+    for i, keyword in enumerate(keywords):
+        rgb = big[:, i, :, :, None].expand(-1, -1, -1, 3).contiguous()
+        tiles.append(draw_label(rgb, keyword))
+    return torch.cat(tiles, dim=2)
+
+
+class FoISampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        samplers = comfy.samplers.KSampler.SAMPLERS
+        inputs = {
+            "model": ("MODEL", {"tooltip": "An InstructPix2Pix model."}),
+            "positive": ("CONDITIONING", {"tooltip": "InstructPixToPixConditioning's positive, made from "
+                         "Instruction Text Encode's instruction."}),
+            "negative": ("CONDITIONING", {"tooltip":
+                         "InstructPixToPixConditioning's negative (the null instruction)."}),
+            "latent_image": ("LATENT", {"tooltip":
+                             "Sets the batch and size (InstructPixToPixConditioning's latent)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 80, "min": 1, "max": 10000, "tooltip":
+                      "Steps actually run, as in KSampler. 80 steps at denoise 0.8 is the paper's setting "
+                      "(a 100-step schedule started at 80 % noise)."}),
+            "denoise": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "Noise level the sampling starts from (0.8 = the paper's 80 %)."}),
+            "sampler_name": (samplers, {"default": "euler_ancestral" if "euler_ancestral" in samplers
+                                        else samplers[0]}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+        }
+        inputs.update(_foi_inputs())
+        inputs["start"] = (list(START_MODES), {"default": START_MODES[0], "tooltip":
+                           "source image: start from the source image latent stored by "
+                           "InstructPixToPixConditioning, noised to 'denoise' (the paper). latent input: "
+                           "start from latent_image."})
+        return {"required": inputs}
+
+    RETURN_TYPES = ("LATENT", "MASK", "IMAGE")
+    RETURN_NAMES = ("latent", "keyword_masks", "mask_preview")
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("FoI (Focus on Your Instruction, CVPR 2024): InstructPix2Pix editing that keeps each "
+                   "sub-instruction inside the region its keyword attends to at the first step. Outputs "
+                   "the edited latent, one mask per keyword (per image), and a preview of the masks.")
+
+    def run(self, model, positive, negative, latent_image, seed, steps, denoise, sampler_name, scheduler,
+            text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, modulation, alpha,
+            disentangle_fraction, start):
+        config = _config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, modulation, alpha,
+                         disentangle_fraction)
+        out, guider = sample_foi(model, positive, negative, latent_image, seed, steps, denoise, sampler_name,
+                                 scheduler, config, start=start)
+        latent_hw = tuple(out["samples"].shape[-2:])
+        keywords = guider.state.instructions.keywords
+        masks = guider.masks
+        if masks is None:  # nothing was sampled (denoise 0): no masks
+            masks = torch.zeros(out["samples"].shape[0], len(keywords), *latent_hw)
+        return (out, image_masks(masks, latent_hw), mask_preview(masks, keywords, latent_hw))
+
+
+class FoIGuiderNode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {
+            "model": ("MODEL", {"tooltip": "An InstructPix2Pix model."}),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+        }
+        inputs.update(_foi_inputs())
+        return {"required": inputs}
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("FoI as a GUIDER for SamplerCustomAdvanced. For the paper's setting start from the "
+                   "source image (VAE Encode) with sigmas for 80 % denoise; masks are made at the first step.")
+
+    def run(self, model, positive, negative, text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma,
+            modulation, alpha, disentangle_fraction):
+        config = _config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, modulation, alpha,
+                         disentangle_fraction)
+        return (foi_guider(model, positive, negative, config),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "AttentionEditInstructionEncode": InstructionTextEncode,
+    "AttentionEditFoISampler": FoISampler,
+    "AttentionEditFoIGuider": FoIGuiderNode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AttentionEditInstructionEncode": "Instruction Text Encode",
+    "AttentionEditFoISampler": "FoI Sampler",
+    "AttentionEditFoIGuider": "FoI Guider",
+}
