@@ -180,3 +180,30 @@ def test_layer_selection_by_resolution(comfy_host):
     assert len(sdxl) == 2 + 1 + 4  # depth 2 in 1 input block, 1 middle, depth 2 in 2 output blocks
     with pytest.raises(ValueError, match="no cross-attention at 1/8"):
         layers_mod.select_layers(fixtures.model("sd15"), 3)
+
+
+def test_interrupted_run_leaves_no_trace(comfy_host):
+    """An interruption inside the UNet in the middle of sampling (ComfyUI's Cancel raises
+    InterruptProcessingException from wherever it is checked) leaves nothing behind."""
+    import comfy.model_management
+
+    # the PyPI snapshot keeps it in comfy.interruption
+    interrupted = getattr(comfy.model_management, "InterruptProcessingException", None)
+    if interrupted is None:
+        from comfy.interruption import InterruptProcessingException as interrupted
+    model = fixtures.model("sd15")
+    before = repr(model.model_options)
+    positive, negative = prompts("sd15")
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+
+    class InterruptLater(CapturingPatch):
+        def __call__(self, q, k, v, extra_options):
+            if len(self.seen) == 4:  # second step
+                raise interrupted()
+            return super().__call__(q, k, v, extra_options)
+
+    with pytest.raises(interrupted):
+        sample_recording(with_patch(model, InterruptLater(scale=1.0)), positive, negative, latent)
+    assert repr(model.model_options) == before
+    again, _ = sample_recording(model, positive, negative, latent)
+    assert torch.equal(again, sample_plain(model, positive, negative, latent))
