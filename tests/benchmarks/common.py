@@ -39,10 +39,12 @@ def random_conditioning(tokens_text=None, family="sd15", dim=768, seed=0):
 
 
 def interleaved(variants, repeats):
-    """Run each variant `repeats` times, interleaved (A B A B ...); return {name: median seconds}."""
+    """Run each variant `repeats` times, interleaved with the order reversed every other round
+    (A B, B A, ...) so neither always runs second; return ({name: median seconds}, all times)."""
     times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    order = list(variants.items())
+    for round_index in range(repeats):
+        for name, run in (order if round_index % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             with torch.inference_mode():
                 run()

@@ -15,7 +15,7 @@ BENCHES = ("record", "instdiffedit", "foi", "magedit")
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--steps-256", type=int, default=4)
     parser.add_argument("--steps-512", type=int, default=2)
     args = parser.parse_args()
