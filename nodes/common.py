@@ -1,5 +1,6 @@
 """Input definitions shared by the pack's nodes."""
 CATEGORY = "attention_edit"
+LATENT_TO_IMAGE = 8  # SD1.x / SD2.x / SDXL VAEs downscale by 8
 
 LEVELS = {"1/4 (16x16 at 512 px on SD1.x)": 2, "1/2": 1, "1/1": 0, "1/8": 3}
 PARTS = {"down + up": ("input", "output"), "down + mid + up": ("input", "middle", "output"),

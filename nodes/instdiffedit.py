@@ -2,14 +2,13 @@
 import torch
 
 from ..samplers.instdiffedit import mask_from_maps, sample_instdiffedit
-from .common import CATEGORY
+from .common import CATEGORY, LATENT_TO_IMAGE
 
 BACKGROUND_CHOICES = {
     "official (step's sigma)": "official",
     "matching (next sigma)": "matching",
 }
 PREVIEW_MAX_FRAMES = 32
-LATENT_TO_IMAGE = 8  # SD1.x / SD2.x / SDXL VAEs downscale by 8
 
 
 def _threshold_inputs():

@@ -6,8 +6,7 @@ from ..masks.attention_mask import colormap, resize_maps
 from ..masks.label import draw_label
 from ..masks.magedit_losses import LOSS_KINDS
 from ..samplers.magedit import MagEditConfig, mag_edit, progress_total
-
-LATENT_TO_IMAGE = 8  # SD1.x / SD2.x / SDXL VAEs downscale by 8
+from .common import LATENT_TO_IMAGE
 
 
 def attention_preview(before, after, latent_mask, image_hw):

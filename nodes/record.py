@@ -5,7 +5,8 @@ from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..samplers.record import sample_recording
-from .common import CATEGORY, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs, split_words
+from .common import (CATEGORY, LATENT_TO_IMAGE, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs,
+                     split_words)
 
 
 class KSamplerRecordAttention:
@@ -90,7 +91,7 @@ class AttentionMask:
         chosen = split_words(words)
         if not chosen:
             raise ValueError("type at least one word of the prompt in 'words'")
-        height, width = (8 * s for s in attention_maps.latent_hw)
+        height, width = (LATENT_TO_IMAGE * s for s in attention_maps.latent_hw)
         masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
                              for word in chosen])
         return (combine_masks(masks, combine),)

@@ -13,7 +13,6 @@ from ae_testlib import fixtures, host
 from ae_testlib.pack import pack_module
 
 host.import_host()
-torch.set_num_threads(1)  # the test machines share 2 cores (design.md)
 
 injection = pack_module("attention.injection")
 layers_mod = pack_module("attention.layers")
