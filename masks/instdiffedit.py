@@ -19,6 +19,7 @@ a map that is constant at a normalisation step becomes all zeros; when no word m
 cosine similarity with the inverted start-token map there is no chosen word (index 0), P is all 0
 and the mask is empty; a position without any +1 entry gives an empty mask.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -151,6 +152,7 @@ def _pil_resize_axis(pixels, out_size):
     return torch.div(total, 1 << PIL_PRECISION_BITS, rounding_mode="floor").clamp(0, 255)
 
 
+@functools.lru_cache(maxsize=16)  # the same few sizes every step; callers never modify the result
 def _pil_bicubic_taps(in_size, out_size):
     """([out, 5] input indices, [out, 5] fixed-point weights) as Pillow's precompute_coeffs
     computes them for upscaling (support 2 input pixels, half-pixel centres)."""
