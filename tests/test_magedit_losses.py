@@ -1,7 +1,6 @@
 """MAG-Edit token-ratio (Eq. 5) and spatial-ratio (Eq. 6) losses: masks/magedit_losses.py."""
 import json
 import lzma
-import pathlib
 import re
 import subprocess
 import sys
