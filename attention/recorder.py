@@ -107,9 +107,9 @@ class AttentionRecorder:
         rows = [i for i, kind in enumerate(chunks) if kind == self.branch]
         if not rows:
             return
-        index = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in rows]).to(q.device)
-        probs = attention_probs(q.index_select(0, index), k.index_select(0, index),
-                                extra_options["n_heads"])
+        q_rows = torch.cat([q[i * per_chunk:(i + 1) * per_chunk] for i in rows])
+        k_rows = torch.cat([k[i * per_chunk:(i + 1) * per_chunk] for i in rows])
+        probs = attention_probs(q_rows, k_rows, extra_options["n_heads"])
         probs = probs.reshape(len(rows), per_chunk, *probs.shape[1:]).sum(0)
         if self.total is None or self.total.shape != probs.shape:
             self.total = torch.zeros_like(probs)
