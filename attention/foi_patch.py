@@ -32,26 +32,15 @@ import torch
 from ..masks.foi import keyword_masks, token_region_mask, union_mask
 from .foi_modulation import modulated_attention, token_alpha
 from .layers import ReplacePatch, comfy_attention, install_replace, select_layers, unet_attention_layers
-from .recorder import attention_probs
+from .recorder import attention_probs, fold_tokens
 
 INSTRUCTION, NULL_INSTRUCTION, UNCONDITIONAL = 0, 1, 2
 
 log = logging.getLogger("attention_edit")
 
 
-def _fold_tokens(x, n_tokens):
-    """[..., Nk] over keys repeated to a common length (cond_cat repeats shorter contexts) ->
-    [..., n_tokens] summed over the repeats; probabilities of a repeated key add up."""
-    nk = x.shape[-1]
-    if nk == n_tokens:
-        return x
-    if nk % n_tokens:
-        raise ValueError(f"cross-attention has {nk} keys, not a multiple of the instruction's {n_tokens} tokens")
-    return x.reshape(*x.shape[:-1], nk // n_tokens, n_tokens).sum(-2)
-
-
 def _tile_tokens(x, n_keys):
-    """[..., N] -> [..., n_keys] repeating the token axis (the inverse layout of _fold_tokens)."""
+    """[..., N] -> [..., n_keys] repeating the token axis (the inverse layout of recorder.fold_tokens)."""
     n = x.shape[-1]
     if n == n_keys:
         return x
@@ -106,7 +95,7 @@ class FoIState:
     # ---- Sec. 4.1: mask extraction -------------------------------------------------------
     def record(self, q, k, rows, heads):
         probs = attention_probs(q.index_select(0, rows), k.index_select(0, rows), heads)
-        probs = _fold_tokens(probs, self.instructions.n_tokens)
+        probs = fold_tokens(probs, self.instructions.n_tokens)
         self.prob_sum = probs if self.prob_sum is None else self.prob_sum + probs
         self.prob_count += 1
         self.stats["recorded"] += 1

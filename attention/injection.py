@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layers import ReplacePatch, install_replace, unet_attention_layers
+from .layers import ReplacePatch, comfy_attention, install_replace, unet_attention_layers
+from .recorder import head_probs
 
 MODES = ("off", "joint", "record", "edit")
 COND = 0  # cond_or_uncond entry of the conditional chunk
@@ -141,27 +142,12 @@ def align_prompts(source, target):
 # Attention arithmetic
 # --------------------------------------------------------------------------------------------
 
-def head_probs(q, k, heads):
-    """softmax(Q K^T / sqrt(d)) per head, in float32: [batch, heads, queries, keys]."""
-    batch, queries, inner = q.shape
-    dim_head = inner // heads
-    qh = q.reshape(batch, queries, heads, dim_head).transpose(1, 2).float()
-    kh = k.reshape(batch, k.shape[1], heads, dim_head).transpose(1, 2).float()
-    return (torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5).softmax(dim=-1)
-
-
 def apply_probs(probs, v, dtype):
     """probs [batch, heads, queries, keys] applied to v [batch, keys, heads * d] -> [batch, queries, heads * d]."""
     batch, heads, queries, keys = probs.shape
     vh = v.reshape(batch, keys, heads, -1).transpose(1, 2).float()
     out = torch.matmul(probs, vh)
     return out.transpose(1, 2).reshape(batch, queries, -1).to(dtype)
-
-
-def plain_attention(q, k, v, heads, extra_options):
-    from comfy.ldm.modules.attention import optimized_attention
-
-    return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
 
 
 def _pair_rows(extra_options, batch, device):
@@ -359,14 +345,13 @@ class SelfInjection(_Injection):
         c = self.controller
         if not c.self_active or c.mode == "off":
             return self.attend(q, k, v, extra_options)
-        heads = extra_options["n_heads"]
         if c.mode == "joint":
             out = self.attend(q, k, v, extra_options)
             rec, edit = _pair_rows(extra_options, q.shape[0], q.device)
             if rec is None:
                 return out
-            new = plain_attention(q.index_select(0, rec), k.index_select(0, rec), v.index_select(0, edit),
-                                  heads, extra_options)
+            new = comfy_attention(q.index_select(0, rec), k.index_select(0, rec), v.index_select(0, edit),
+                                  extra_options)
             c.notify(layer=self.layer, kind="self", injected=True)
             return out.index_copy(0, edit, new.to(out.dtype))
         if c.mode == "record":
@@ -378,4 +363,4 @@ class SelfInjection(_Injection):
                 "MAG-Edit: the editing pass does not match the recorded reconstruction pass at "
                 f"layer {self.layer.key} (area or masked conditioning is not supported)")
         c.notify(layer=self.layer, kind="self", injected=True)
-        return plain_attention(recorded[0], recorded[1], v, heads, extra_options)
+        return comfy_attention(recorded[0], recorded[1], v, extra_options)

@@ -13,14 +13,29 @@ from .maps import AttentionMaps
 BRANCHES = {"cond": 0, "uncond": 1}
 
 
-def attention_probs(q, k, heads):
-    """softmax(Q K^T / sqrt(d)) averaged over heads, in float32: [batch, queries, tokens]."""
+def head_probs(q, k, heads):
+    """softmax(Q K^T / sqrt(d)) per head, in float32: [batch, heads, queries, keys]."""
     batch, queries, inner = q.shape
     dim_head = inner // heads
     qh = q.reshape(batch, queries, heads, dim_head).transpose(1, 2).float()
     kh = k.reshape(batch, k.shape[1], heads, dim_head).transpose(1, 2).float()
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5
-    return scores.softmax(dim=-1).mean(dim=1)
+    return (torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5).softmax(dim=-1)
+
+
+def attention_probs(q, k, heads):
+    """softmax(Q K^T / sqrt(d)) averaged over heads, in float32: [batch, queries, keys]."""
+    return head_probs(q, k, heads).mean(dim=1)
+
+
+def fold_tokens(x, n_tokens):
+    """[..., keys] -> [..., n_tokens]. ComfyUI batches conds of different lengths by repeating each
+    to a common length; the probabilities of a prompt's repeated copies add up to its own."""
+    keys = x.shape[-1]
+    if keys == n_tokens:
+        return x
+    if keys % n_tokens:
+        raise ValueError(f"cross-attention has {keys} keys, not a multiple of the prompt's {n_tokens} tokens")
+    return x.reshape(*x.shape[:-1], keys // n_tokens, n_tokens).sum(-2)
 
 
 def step_of_sigma(schedule, sigma):
@@ -48,15 +63,17 @@ class AttentionRecorder:
     parts: UNet parts to record ("input", "middle", "output").
     branch: "cond" or "uncond".
     steps: None for every step, else a container of step indices (needs the schedule).
+    n_tokens: the recorded prompt's token count; keys of longer batched contexts are folded to it.
     """
 
-    def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None):
+    def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
             raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
         self.level = level
         self.parts = tuple(parts)
         self.branch = BRANCHES[branch]
         self.steps = None if steps is None else set(steps)
+        self.n_tokens = n_tokens  # the recorded prompt's token count (None: the first call's key count)
         self.layers = []
         self.schedule = None
         self.latent_hw = None
@@ -86,7 +103,7 @@ class AttentionRecorder:
         sigmas = extra_options.get("sigmas")
         schedule = self.schedule
         if schedule is None and extra_options.get("sample_sigmas") is not None:
-            schedule = extra_options["sample_sigmas"].detach().float().cpu()
+            schedule = self.schedule = extra_options["sample_sigmas"].detach().float().cpu()
         if sigmas is None or schedule is None:
             return None
         if self._last_sigma[0] is not sigmas:  # one look-up per UNet call, not per layer
@@ -109,11 +126,12 @@ class AttentionRecorder:
             return
         q_rows = torch.cat([q[i * per_chunk:(i + 1) * per_chunk] for i in rows])
         k_rows = torch.cat([k[i * per_chunk:(i + 1) * per_chunk] for i in rows])
-        probs = attention_probs(q_rows, k_rows, extra_options["n_heads"])
+        if self.n_tokens is None:
+            self.n_tokens = k.shape[1]
+        probs = fold_tokens(attention_probs(q_rows, k_rows, extra_options["n_heads"]), self.n_tokens)
         probs = probs.reshape(len(rows), per_chunk, *probs.shape[1:]).sum(0)
-        if self.total is None or self.total.shape != probs.shape:
+        if self.total is None:
             self.total = torch.zeros_like(probs)
-            self.count = 0
         self.total += probs
         self.count += len(rows)
 
@@ -129,7 +147,8 @@ class AttentionRecorder:
         mean = self.mean()
         if mean is None:
             raise RuntimeError(
-                "no cross-attention was recorded: check that the sampling ran the chosen steps and "
-                "that the conditioning covers the whole image"
+                "no cross-attention was recorded: check that the sampling ran the chosen steps, that "
+                "the conditioning covers the whole image, and, for the negative (uncond) branch, "
+                "that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
             )
         return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level)

@@ -102,7 +102,7 @@ class FoISampler:
                         "Noise level the sampling starts from (0.8 = the paper's 80 %)."}),
             "sampler_name": (samplers, {"default": "euler_ancestral" if "euler_ancestral" in samplers
                                         else samplers[0]}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
         }
         inputs.update(_foi_inputs())
         inputs["start"] = (list(START_MODES), {"default": START_MODES[0], "tooltip":

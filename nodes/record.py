@@ -37,7 +37,8 @@ def _words_or_all(maps, words):
     if chosen:
         return chosen
     if maps.tokens is None:
-        raise ValueError("type the words to show: these maps carry no prompt words")
+        raise ValueError("type the words to show in 'words': these maps carry no prompt words (encode "
+                         "the prompt with 'Attention Text Encode' to show every word by default)")
     return maps.tokens.word_list()
 
 
@@ -63,7 +64,7 @@ class AttentionHeatmap:
             raise ValueError(f"image has {image.shape[0]} images but the attention maps have {batch}; "
                              "connect the images the maps were recorded for")
         image = image.expand(batch, *image.shape[1:]) if image.shape[0] == 1 else image
-        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word), opacity), word)
+        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity), word)
                     for word in _words_or_all(attention_maps, words)]
         return (torch.cat(overlays).to(image.dtype),)
 
@@ -94,7 +95,7 @@ class AttentionMask:
         height, width = (LATENT_TO_IMAGE * s for s in attention_maps.latent_hw)
         masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
                              for word in chosen])
-        return (combine_masks(masks, combine),)
+        return (combine_masks(masks, combine).cpu(),)  # like core MASKs, off the sampling device
 
 
 NODE_CLASS_MAPPINGS = {

@@ -260,6 +260,7 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
     InstructPixToPixConditioning stored) noised to `denoise`, as the paper (80 %); "latent input"
     begins from `latent` (InstructPixToPixConditioning's own latent output is all zeros).
     """
+    import comfy.model_management
     import comfy.samplers
 
     if start not in START_MODES:
@@ -274,7 +275,7 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
                         callback=callback or progress_callback(model, len(sigmas) - 1),
                         disable_pbar=progress_disabled(), seed=seed)
     result = dict(latent)
-    result["samples"] = out
+    result["samples"] = out.to(comfy.model_management.intermediate_device())  # as comfy.sample does
     return result, guider
 
 

@@ -119,3 +119,13 @@ def loss_and_grad(loss_fn, inputs):
     with torch.autograd.graph.saved_tensors_hooks(_copy_if_activation, lambda tensor: tensor):
         loss = loss_fn()
     return loss, torch.autograd.grad(loss, inputs)
+
+
+def refuse_controlnet(*conditionings, method="MAG-Edit"):
+    """Gradients through the UNet can't pass a ControlNet's inference-mode weights: say so."""
+    for conditioning in conditionings:
+        if any("control" in options for _, options in conditioning):
+            raise ValueError(
+                f"{method} does not support ControlNet conditioning (it takes gradients through the "
+                "model). Connect the prompts without Apply ControlNet; keep the ControlNet for a "
+                "later KSampler stage if needed.")

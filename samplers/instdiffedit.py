@@ -270,7 +270,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
 
     patched = model.clone()
     sigmas = edit_schedule(patched, steps, sampler_name, scheduler, strength)
-    recorder = AttentionRecorder(level=LEVEL, parts=PARTS, branch="cond")
+    recorder = AttentionRecorder(level=LEVEL, parts=PARTS, branch="cond", n_tokens=positive[0][0].shape[1])
     recorder.install(patched, latent_hw, sigmas)
     check_grid(recorder.grid, latent_hw)
 

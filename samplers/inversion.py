@@ -25,7 +25,7 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
-from .grad import autograd_through, leaf, loss_and_grad
+from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,8 @@ def invert(model, positive, negative, latent, steps=50, null_text=True, inner_it
     if null_text and math.isclose(cfg, 1.0):
         raise ValueError("Null-text optimisation needs cfg != 1: at cfg 1 the unconditional branch "
                          "has no effect. Set cfg (official 7.5) or turn null_text off.")
+    if null_text:
+        refuse_controlnet(positive, negative, method="Null-text inversion")
     timesteps, sigmas = ddim_schedule(model.get_model_object("model_sampling"), steps)
     total = steps * (2 if null_text else 1)
     report = progress or (lambda done, total: None)

@@ -36,6 +36,7 @@ Faster and smaller than the official loop, same results:
 - replaced self-attention reuses the reconstruction's queries and keys through ComfyUI's
   attention kernel instead of storing probability matrices.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,9 +50,11 @@ from ..attention.injection import InjectionController, StopForward, align_prompt
 from ..attention.layers import select_layers
 from ..attention.tokens import PromptWordError, tokens_of
 from ..masks.magedit_losses import LOSS_KINDS, combined_loss
-from .grad import autograd_through, leaf, loss_and_grad
+from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 from .inversion import (SamplingRun, check_inversion, cross_attn_embeddings, ddim_step, guided_denoised,
                         predicted_noise, with_cross_attn)
+
+log = logging.getLogger("attention_edit")
 
 LOSS_LEVEL = 2  # 1/4 of the latent: the official 16x16 layers of SD1.x at 512 px
 LOSS_PARTS = ("input", "output")  # official: down_cross[4:6] + up_cross[0:3], no middle block
@@ -212,6 +215,28 @@ class Plan:
     conds: dict = field(default_factory=dict)
 
 
+def _same_text(conditioning, reference):
+    if len(conditioning) != len(reference):
+        return False
+    return all(a[0].shape == b[0].shape and torch.equal(a[0].cpu(), b[0].cpu())
+               for a, b in zip(conditioning, reference))
+
+
+def check_inputs_match_inversion(inversion, source, negative, cfg):
+    """The reconstruction branch only retraces the image with the INVERSION's own prompts."""
+    if not _same_text(source, inversion.positive):
+        raise ValueError(
+            "the source positive is not the prompt the INVERSION was made with: connect the same "
+            "source prompt to the Inversion node and to MAG-Edit")
+    if not _same_text(negative, inversion.negative):
+        raise ValueError(
+            "the negative is not the one the INVERSION was made with (its null embeddings replace "
+            "that negative's text): connect the same negative to the Inversion node and to MAG-Edit")
+    if abs(cfg - inversion.cfg) > 1e-6 and inversion.null_embeddings is not None:
+        log.warning("MAG-Edit: cfg %.2f differs from the %.2f the null-text inversion was optimised "
+                    "for; the reconstruction will drift from the source image", cfg, inversion.cfg)
+
+
 def plan_edit(model, inversion, source, target, negative, mask, edit_words, config):
     """Validate the inputs; raises ValueError with what to change."""
     config.validate()
@@ -219,6 +244,8 @@ def plan_edit(model, inversion, source, target, negative, mask, edit_words, conf
         raise ValueError(
             f"The INVERSION input has {inversion.steps} steps but steps is {config.steps}: set steps to "
             f"{inversion.steps}, or run the Inversion node with steps={config.steps}.")
+    refuse_controlnet(source, target, negative)
+    check_inputs_match_inversion(inversion, source, negative, config.cfg)
     source_tokens = tokens_of(source, "source positive")
     target_tokens = tokens_of(target, "target positive")
     source_tokens.require_single_chunk("MAG-Edit's source prompt")

@@ -7,11 +7,11 @@ from .common import ksample, schedule
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                      denoise=1.0, level=2, parts=("input", "output"), branch="cond"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
+    prompt = positive if branch == "cond" else negative
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
-    recorder = AttentionRecorder(level=level, parts=parts, branch=branch)
+    recorder = AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=prompt[0][0].shape[1])
     recorder.install(patched, latent["samples"].shape[-2:], sigmas)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
-    prompt = positive if branch == "cond" else negative
     return out, recorder.maps(annotation_of(prompt))

@@ -398,3 +398,17 @@ def test_inversion_from_another_model_is_rejected(comfy_host):
     other = inverted("sd15", seed=1, null_text=False)
     with pytest.raises(ValueError, match="different MODEL"):
         run_node(inversion=other)
+
+
+def test_prompts_must_be_the_inversions_and_controlnet_is_refused(comfy_host):
+    inversion = inverted("sd15")
+    source, target, empty = encode("sd15", SOURCE), encode("sd15", TARGET), encode("sd15", EMPTY)
+    other_source = encode("sd15", "a photo of a dog on a sofa")
+    with_control = [[c, {**o, "control": object()}] for c, o in target]
+    cases = [((other_source, target, empty), "source positive is not the prompt the INVERSION"),
+             ((source, target, encode("sd15", "blurry")), "negative is not the one the INVERSION"),
+             ((source, with_control, empty), "does not support ControlNet")]
+    for (src, tgt, neg), message in cases:
+        with pytest.raises(ValueError, match=message):
+            with torch.inference_mode():
+                magedit.plan_edit(model("sd15"), inversion, src, tgt, neg, box_mask(), "red", CONFIG)

@@ -207,3 +207,17 @@ def test_interrupted_run_leaves_no_trace(comfy_host):
     assert repr(model.model_options) == before
     again, _ = sample_recording(model, positive, negative, latent)
     assert torch.equal(again, sample_plain(model, positive, negative, latent))
+
+
+def test_long_negative_prompt_is_folded_not_lost(comfy_host):
+    """A 3-chunk negative makes ComfyUI batch the 77-token positive repeated to 231 keys; the
+    recorder folds those back onto the positive's 77 tokens, equal to a short-negative run's maps
+    up to the negative's effect on the latent (same first step: same latent input)."""
+    model = fixtures.model("sd15")
+    positive = fixtures.encode("sd15", "a photo of a shiba dog")
+    long_negative = fixtures.encode("sd15", " ".join(f"word{i}" for i in range(60)))
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    _, maps = sample_recording(model, positive, long_negative, latent, steps=1)
+    _, reference = sample_recording(model, positive, prompts("sd15")[1], latent, steps=1)
+    assert maps.probs.shape == (1, 4, 4, 77)
+    torch.testing.assert_close(maps.probs, reference.probs, atol=1e-5, rtol=0)
