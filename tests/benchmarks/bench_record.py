@@ -20,9 +20,11 @@ def run(args, model):
         def recording():
             record.sample_recording(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)
 
-        medians, _ = interleaved({"KSampler": plain, "KSampler (Record Attention)": recording}, args.repeats)
+        medians, runs = interleaved({"KSampler": plain, "KSampler (Record Attention)": recording}, args.repeats)
         report(f"record attention, SD1.5 full size, {size} px, {steps} steps, batch 1, CFG", medians,
                "KSampler", target=1.05)
+        for name, values in runs.items():
+            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
 
     print("\n## recorded-map memory (SD1.5 full size, 64 px latent 8x8, level 2)")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
