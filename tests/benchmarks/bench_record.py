@@ -11,6 +11,8 @@ recorder_mod = pack_module("attention.recorder")
 def run(args, model):
     positive, negative = random_conditioning(seed=1), random_conditioning(seed=2)
     for size, steps in ((256, args.steps_256), (512, args.steps_512)):
+        if steps < 1:  # --steps-512 0 skips that size
+            continue
         latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
         sigmas = common.schedule(model, steps, "euler", "normal", 1.0)
 
