@@ -21,6 +21,11 @@ class PromptLengthError(ValueError):
     """The prompt needs more than one 77-token chunk where a method needs one."""
 
 
+def split_words(text):
+    """'cat, red hat' -> ['cat', 'red hat']: commas separate the words or phrases a user types."""
+    return [w.strip() for w in str(text).split(",") if w.strip()]
+
+
 def normalise_word(text):
     """Lower-case, without punctuation at the ends: 'Cat,' and 'cat' name the same word."""
     return _EDGE_PUNCTUATION.sub("", text.strip().lower())

@@ -34,8 +34,3 @@ def resolution_input():
 def parts_input():
     return (list(PARTS), {"default": "down + up", "tooltip":
             "UNet parts whose layers at that size are averaged (official methods use down + up)."})
-
-
-def split_words(text):
-    """'cat, red hat' -> ['cat', 'red hat'] (commas separate words or phrases)."""
-    return [w.strip() for w in text.split(",") if w.strip()]

@@ -3,8 +3,9 @@ import torch
 
 from ..attention.instructions import annotate_instructions, parse_instructions
 from ..masks.label import draw_label
-from ..samplers.foi import START_MODES, FoIConfig, foi_guider, image_masks, parse_alphas, sample_foi
-from .common import CATEGORY
+from ..masks.foi import resize_mask
+from ..samplers.foi import START_MODES, FoIConfig, foi_guider, parse_alphas, sample_foi
+from .common import CATEGORY, LATENT_TO_IMAGE
 from .encode import encode
 
 FOI_CATEGORY = f"{CATEGORY}/foi"
@@ -69,7 +70,14 @@ def _config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, modulation
                      disentangle_fraction=disentangle_fraction)
 
 
-def mask_preview(masks, keywords, latent_hw, scale=8):
+def image_masks(masks, latent_hw, scale=LATENT_TO_IMAGE):
+    """[B, K, h, w] keyword masks -> MASK [B*K, H, W] at image size (index b * K + k)."""
+    b, k = masks.shape[:2]
+    big = resize_mask(masks.float(), (latent_hw[0] * scale, latent_hw[1] * scale))
+    return big.reshape(b * k, *big.shape[-2:]).cpu()
+
+
+def mask_preview(masks, keywords, latent_hw, scale=LATENT_TO_IMAGE):
     """[B, K, h, w] masks -> IMAGE [B, H, K*W, 3]: the keyword masks side by side, labelled."""
     b, k = masks.shape[:2]
     big = image_masks(masks, latent_hw, scale).reshape(b, k, latent_hw[0] * scale, latent_hw[1] * scale)

@@ -1,12 +1,12 @@
 """KSampler (Record Attention), Attention Heatmap and Attention Mask nodes."""
 import torch
 
+from ..attention.tokens import split_words
 from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..samplers.record import sample_recording
-from .common import (CATEGORY, LATENT_TO_IMAGE, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs,
-                     split_words)
+from .common import CATEGORY, LATENT_TO_IMAGE, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs
 
 
 class KSamplerRecordAttention:

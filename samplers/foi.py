@@ -31,7 +31,7 @@ from ..attention.foi_modulation import t_from_timestep, xi
 from ..attention.foi_patch import FoIState, install_foi
 from ..attention.instructions import instructions_of
 from ..attention.recorder import step_of_sigma
-from ..masks.foi import disentangled_guidance, resize_mask
+from ..masks.foi import disentangled_guidance
 from .common import initial_noise, latent_samples, progress_callback, progress_disabled, schedule
 
 
@@ -277,10 +277,3 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
     result = dict(latent)
     result["samples"] = out.to(comfy.model_management.intermediate_device())  # as comfy.sample does
     return result, guider
-
-
-def image_masks(masks, latent_hw, scale=8):
-    """[B, K, h, w] keyword masks -> MASK [B*K, H, W] at image size (index b * K + k)."""
-    b, k = masks.shape[:2]
-    big = resize_mask(masks.float(), (latent_hw[0] * scale, latent_hw[1] * scale))
-    return big.reshape(b * k, *big.shape[-2:]).cpu()

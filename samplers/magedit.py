@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..attention.injection import InjectionController, StopForward, align_prompts
 from ..attention.layers import select_layers
-from ..attention.tokens import PromptWordError, tokens_of
+from ..attention.tokens import PromptWordError, split_words, tokens_of
 from ..masks.magedit_losses import LOSS_KINDS, combined_loss
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 from .inversion import (SamplingRun, check_inversion, cross_attn_embeddings, ddim_step, guided_denoised,
@@ -155,10 +155,6 @@ def prepare_mask(mask, latent_hw, grid_hw):
             f"the mask of image(s) {small} vanishes at the attention resolution the loss reads "
             f"({grid_hw[1]}x{grid_hw[0]}): draw a larger region")
     return latent, grid
-
-
-def split_words(text):
-    return [w.strip() for w in str(text).split(",") if w.strip()]
 
 
 def edit_token_indices(target_tokens, words):
