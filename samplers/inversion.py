@@ -152,8 +152,9 @@ def check_inversion(inversion, model, steps=None):
 # Guided prediction inside a ComfyUI sampling run
 # --------------------------------------------------------------------------------------------
 
-def run_sampling_loop(model, positive, negative, latent, sigmas, loop):
-    """Run `loop(SamplingRun) -> x` as the sampler of a ComfyUI CFGGuider; return it as LATENT.
+def run_sampling_loop(model, conds, latent, sigmas, loop):
+    """Run `loop(SamplingRun) -> x` as the sampler of a ComfyUI CFGGuider holding `conds` (a dict
+    of CONDITIONING by name, e.g. positive / negative); return x as LATENT samples.
 
     The guider loads the model and applies its patches, hooks and wrappers and processes the
     conds as a KSampler does; no noise is added, so run.x is `latent` after process_latent_in.
@@ -164,7 +165,7 @@ def run_sampling_loop(model, positive, negative, latent, sigmas, loop):
         return loop(SamplingRun(guider.inner_model, guider.conds, extra_args["model_options"], x, sigmas))
 
     guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
+    guider.inner_set_conds(conds)
     samples = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_function),
                             sigmas, disable_pbar=True)
     return samples.to(comfy.model_management.intermediate_device())
@@ -244,7 +245,7 @@ def invert(model, positive, negative, latent, steps=50, null_text=True, inner_it
         found["fingerprint"] = model_fingerprint(model)
         return trajectory[0]
 
-    noise = run_sampling_loop(model, positive, negative, latent, sigmas, loop)
+    noise = run_sampling_loop(model, {"positive": positive, "negative": negative}, latent, sigmas, loop)
     inversion = Inversion(trajectory=found["trajectory"], timesteps=timesteps, sigmas=sigmas,
                           null_embeddings=found.get("null_embeddings"), positive=positive,
                           negative=negative, cfg=cfg, fingerprint=found["fingerprint"])
@@ -366,5 +367,5 @@ def reconstruct(model, inversion, cfg=None, progress=None):
             report(step + 1, inversion.steps)
         return x
 
-    return run_sampling_loop(model, inversion.positive, inversion.negative, torch.zeros_like(inversion.noise),
-                             inversion.sigmas, loop)
+    return run_sampling_loop(model, {"positive": inversion.positive, "negative": inversion.negative},
+                             torch.zeros_like(inversion.noise), inversion.sigmas, loop)

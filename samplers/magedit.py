@@ -51,8 +51,8 @@ from ..attention.layers import select_layers
 from ..attention.tokens import PromptWordError, split_words, tokens_of
 from ..masks.magedit_losses import LOSS_KINDS, combined_loss
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
-from .inversion import (SamplingRun, check_inversion, cross_attn_embeddings, ddim_step, guided_denoised,
-                        predicted_noise, with_cross_attn)
+from .inversion import (check_inversion, cross_attn_embeddings, ddim_step, guided_denoised, predicted_noise,
+                        run_sampling_loop, with_cross_attn)
 
 log = logging.getLogger("attention_edit")
 
@@ -427,23 +427,6 @@ class Editor:
         return x_rec, x_edit, losses
 
 
-def run_with_conds(model, conds, shape, sigmas, loop):
-    """Run `loop(SamplingRun) -> x` as the sampler of a ComfyUI CFGGuider holding `conds` (a dict
-    of CONDITIONING by name, processed like a KSampler's); returns x after process_latent_out.
-
-    The guider loads the model and applies its patches; run.x is zeros of `shape`.
-    """
-    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        guider = model_k.inner_model
-        return loop(SamplingRun(guider.inner_model, guider.conds, extra_args["model_options"], x, sigmas))
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.inner_set_conds(conds)
-    zeros = torch.zeros(shape)
-    samples = guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(sampler_function), sigmas, disable_pbar=True)
-    return samples.to(comfy.model_management.intermediate_device())
-
-
 def with_editor(model, inversion, source, target, negative, mask, edit_words, config, fn, progress=None,
                 observer=None):
     """Validate, patch a clone of `model`, start sampling and call fn(editor) -> tensor [2B, ...]
@@ -462,7 +445,7 @@ def with_editor(model, inversion, source, target, negative, mask, edit_words, co
         with autograd_through(run.model):
             return fn(editor)
 
-    return run_with_conds(patched, plan.conds, shape, inversion.sigmas, loop)
+    return run_sampling_loop(patched, plan.conds, torch.zeros(shape), inversion.sigmas, loop)
 
 
 def progress_total(config):
@@ -511,4 +494,4 @@ def sigma_step_factor(sigma):
 
 
 __all__ = ["MagEditConfig", "MagEditResult", "Editor", "mag_edit", "with_editor", "plan_edit", "prepare_mask",
-           "paired_conditioning", "edit_token_indices", "run_with_conds", "sigma_step_factor"]
+           "paired_conditioning", "edit_token_indices", "sigma_step_factor"]
