@@ -187,11 +187,12 @@ def annotate(conditioning, tokens):
 
 
 def annotation_of(conditioning):
-    """The PromptTokens carried by a CONDITIONING, or None for plain CLIP Text Encode output."""
-    for _, options in conditioning:
-        if ANNOTATION_KEY in options:
-            return options[ANNOTATION_KEY]
-    return None
+    """The PromptTokens carried by a CONDITIONING; None for plain CLIP Text Encode output, and
+    None when Conditioning Combine joined different prompts (the maps would mix their words)."""
+    found = [options[ANNOTATION_KEY] for _, options in conditioning if ANNOTATION_KEY in options]
+    if not found or any(tokens.text != found[0].text for tokens in found):
+        return None
+    return found[0]
 
 
 def tokens_of(conditioning, input_name="positive"):
@@ -202,5 +203,6 @@ def tokens_of(conditioning, input_name="positive"):
     raise ValueError(
         f"the '{input_name}' conditioning does not say which tokens are which words. Encode the "
         "prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP Text Encode; "
-        "it works anywhere CLIP Text Encode does, ControlNet nodes included."
+        "it works anywhere CLIP Text Encode does, ControlNet nodes included. (Prompts joined by "
+        "Conditioning Combine have no single word layout: use one prompt.)"
     )

@@ -73,3 +73,11 @@ def test_annotation_and_missing_annotation_error(comfy_host):
     plain = [[cond[0][0], {"pooled_output": cond[0][1]["pooled_output"]}]]
     with pytest.raises(ValueError, match="Attention Text Encode"):
         tokens.tokens_of(plain, "positive")
+
+
+def test_combined_different_prompts_have_no_single_word_layout(comfy_host):
+    cat, dog = fixtures.encode("sd15", "a photo of a cat"), fixtures.encode("sd15", "a photo of a dog")
+    assert tokens.annotation_of(cat + cat).positions("cat") == [5]  # the same prompt twice is fine
+    assert tokens.annotation_of(cat + dog) is None
+    with pytest.raises(ValueError, match="Conditioning Combine"):
+        tokens.tokens_of(cat + dog)
