@@ -31,7 +31,8 @@ import torch
 
 from ..masks.foi import keyword_masks, token_region_mask, union_mask
 from .foi_modulation import modulated_attention, token_alpha
-from .layers import ReplacePatch, comfy_attention, install_replace, select_layers, unet_attention_layers
+from .layers import (ReplacePatch, comfy_attention, install_replace, level_grid, select_layers,
+                     unet_attention_layers)
 from .recorder import attention_probs, fold_tokens
 
 INSTRUCTION, NULL_INSTRUCTION, UNCONDITIONAL = 0, 1, 2
@@ -65,12 +66,7 @@ class FoIState:
     def begin(self, latent_hw):
         """Forget the previous run (a guider can sample several times)."""
         self.latent_hw = None if latent_hw is None else tuple(int(s) for s in latent_hw)
-        self._mask_grid = None
-        if self.latent_hw is not None:  # the mask layers' grid (stride-2 convs round up)
-            h, w = self.latent_hw
-            for _ in range(self.mask_level):
-                h, w = -(-h // 2), -(-w // 2)
-            self._mask_grid = (h, w)
+        self._mask_grid = None if latent_hw is None else level_grid(*self.latent_hw, self.mask_level)
         self.phase = "extract"
         self.prob_sum = None
         self.prob_count = 0
@@ -227,8 +223,8 @@ class FoIAttention(ReplacePatch):
             return out.index_copy(0, rows0, modulated.to(out.dtype))
         # no inner patch: ComfyUI's attention for the other chunks only
         start = chunks.index(INSTRUCTION) * per_chunk
-        others = torch.tensor([i for i in range(q.shape[0]) if not start <= i < start + per_chunk],
-                              dtype=torch.long, device=q.device)
+        others = torch.cat([torch.arange(start, device=q.device),
+                            torch.arange(start + per_chunk, q.shape[0], device=q.device)])
         if others.numel() == 0:
             return modulated.to(q.dtype)
         rest = comfy_attention(q.index_select(0, others), k.index_select(0, others), v.index_select(0, others),

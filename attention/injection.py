@@ -161,7 +161,7 @@ def _pair_rows(extra_options, batch, device):
     starts = [i * per_chunk for i, kind in enumerate(chunks) if kind == COND]
     if not starts:
         return None, None
-    rec = torch.cat([torch.arange(s, s + half) for s in starts]).to(device)
+    rec = torch.cat([torch.arange(s, s + half, device=device) for s in starts])
     return rec, rec + half
 
 

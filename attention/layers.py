@@ -26,11 +26,15 @@ class AttentionLayer:
         return (self.part, self.block, self.index)
 
     def grid(self, latent_h, latent_w):
-        """(h, w) of this layer's feature map for a latent of that size (stride-2 convs round up)."""
-        h, w = latent_h, latent_w
-        for _ in range(self.level):
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-        return h, w
+        return level_grid(latent_h, latent_w, self.level)
+
+
+def level_grid(latent_h, latent_w, level):
+    """(h, w) of the feature maps `level` downsamplings below a latent (stride-2 convs round up)."""
+    h, w = latent_h, latent_w
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
 
 
 def _is(module, class_name):
