@@ -1,6 +1,8 @@
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from ae_testlib.pack import register_pack  # noqa: E402
@@ -26,9 +28,44 @@ def pytest_report_header(config):
     from ae_testlib import host
 
     try:
-        return f"ComfyUI host: {host.import_host()}"
+        lines = [f"ComfyUI host: {host.import_host()}"]
     except Exception as error:  # the pure-tensor tests still run; host tests will fail loudly
         return f"ComfyUI host: not importable ({error})"
+    missing = [name for name in host.FEATURES if not host.has(name)]
+    lines.append("host features missing (tests needing them skip): " + (", ".join(missing) or "none"))
+    return lines
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host_requires(*features): needs these ae_testlib.host.FEATURES; "
+                                       "use ae_testlib.host.requires(...)")
+
+
+def pytest_runtest_setup(item):
+    from ae_testlib import host
+
+    for marker in item.iter_markers("host_requires"):
+        reason = host.missing_reason(marker.args)
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # The only allowed skip is a too-old host (host.requires); any other skip is a failure, so a
+    # missing file, device or package cannot quietly turn a check off.
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    from ae_testlib import host
+
+    allowed = [host.missing_reason(marker.args) for marker in item.iter_markers("host_requires")]
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(text and text in reason for text in allowed):
+        report.outcome = "failed"
+        report.longrepr = (f"skipped ({reason}), but the only allowed skip is a test needing a newer host "
+                           "(ae_testlib.host.requires); make the check run here or fail")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -6,6 +6,7 @@ UNet, CLIP and ModelPatcher classes with small widths, so sampling runs on CPU i
 """
 import functools
 import importlib
+import importlib.util
 import os
 import pathlib
 import sys
@@ -62,8 +63,76 @@ def import_host():
 
         version = dist_version("comfyui")
         kind = "PyPI comfyui"
-    where = os.path.dirname(os.path.abspath(list(comfy.__path__)[0]))
-    return f"{kind} {version} at {where}"
+    return f"{kind} {version} at {host_root()}"
+
+
+def host_root():
+    """The folder that holds the host's `comfy` package (a ComfyUI checkout's root, upstream)."""
+    import comfy
+
+    return pathlib.Path(list(comfy.__path__)[0]).resolve().parent
+
+
+# What a test may need from the host beyond what both hosts have. This is the suite's ONE way to
+# skip (conftest fails any other skip): a test that needs a newer host than the one running says
+# so with `@host.requires("flux")` (or `pytestmark = host.requires(...)` for a module). Features
+# are detected by what exists (modules, attributes, files), never by version numbers, and only by
+# existence: a module that exists but fails to import fails its tests instead of skipping them.
+NEWER_HOST = "upstream ComfyUI 0.3.64 (../shared/hosts/comfyui-0.3.64.tar.xz, run with COMFYUI_PATH)"
+FEATURES = {
+    # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
+    #        or "file:PATH" relative to the host root)
+    "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
+    "chroma": ("Chroma DiT models", ["comfy.ldm.chroma.model"]),
+    "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",
+            ["comfy.ldm.modules.diffusionmodules.mmdit", "comfy.text_encoders.sd3_clip"]),
+    "qwen_image": ("Qwen-Image DiT models with the Qwen2.5-VL text encoder",
+                   ["comfy.ldm.qwen_image.model", "comfy.text_encoders.qwen_image"]),
+    "attention_override": ("the optimized_attention_override hook of transformer_options",
+                           ["comfy.ldm.modules.attention:wrap_attn"]),
+    "server": ("the ComfyUI server with its web frontend (main.py, server.py, "
+               "comfyui_frontend_package)", ["file:main.py", "file:server.py", "comfyui_frontend_package"]),
+}
+
+
+def _spec_exists(spec):
+    if spec.startswith("file:"):
+        return (host_root() / spec[len("file:"):]).is_file()
+    module, _, attribute = spec.partition(":")
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+    if not found or not attribute:
+        return found
+    return hasattr(importlib.import_module(module), attribute)
+
+
+@functools.lru_cache(maxsize=None)
+def has(feature):
+    """Whether the running host has `feature` (a key of FEATURES)."""
+    import_host()
+    return all(_spec_exists(spec) for spec in FEATURES[feature][1])
+
+
+def missing_reason(features):
+    """The skip reason for the features this host lacks, or None when it has them all."""
+    missing = [name for name in features if not has(name)]
+    if not missing:
+        return None
+    what = "; ".join(FEATURES[name][0] for name in missing)
+    return (f"needs a newer host: {what}, which {NEWER_HOST} has; this host ({import_host()}) "
+            f"lacks {'it' if len(missing) == 1 else 'them'}")
+
+
+def requires(*features):
+    """Mark a test (or, as `pytestmark`, a module) as needing these host features."""
+    unknown = [name for name in features if name not in FEATURES]
+    if not features or unknown:
+        raise ValueError(f"host.requires: unknown feature(s) {unknown}; known: {sorted(FEATURES)}")
+    import pytest
+
+    return pytest.mark.host_requires(*features)
 
 
 def _init_weights(module, seed):
