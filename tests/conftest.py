@@ -50,22 +50,31 @@ def pytest_runtest_setup(item):
             pytest.skip(reason)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    # The only allowed skip is a too-old host (host.requires); any other skip is a failure, so a
-    # missing file, device or package cannot quietly turn a check off.
-    outcome = yield
-    report = outcome.get_result()
-    if not report.skipped or hasattr(report, "wasxfail"):
-        return
+# The only allowed skip is a too-old host (ae_testlib.host.requires / module_requires): any other
+# skip fails, so a missing file, device or package cannot quietly turn a check off.
+ONLY_HOST_SKIPS = ("the only allowed skip is a test needing a newer host (ae_testlib.host.requires); "
+                   "make the check run here or fail")
+
+
+def _fail_other_skips(report):
     from ae_testlib import host
 
-    allowed = [host.missing_reason(marker.args) for marker in item.iter_markers("host_requires")]
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    if not any(text and text in reason for text in allowed):
+    if not host.is_host_skip(reason):
         report.outcome = "failed"
-        report.longrepr = (f"skipped ({reason}), but the only allowed skip is a test needing a newer host "
-                           "(ae_testlib.host.requires); make the check run here or fail")
+        report.longrepr = f"skipped ({reason}), but {ONLY_HOST_SKIPS}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _fail_other_skips((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    _fail_other_skips((yield).get_result())
 
 
 def pytest_sessionfinish(session, exitstatus):

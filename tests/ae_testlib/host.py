@@ -115,24 +115,49 @@ def has(feature):
     return all(_spec_exists(spec) for spec in FEATURES[feature][1])
 
 
+_ISSUED_REASONS = set()  # the skip reasons handed out, so conftest can tell a host skip from others
+
+
 def missing_reason(features):
     """The skip reason for the features this host lacks, or None when it has them all."""
+    _check_known(features)
     missing = [name for name in features if not has(name)]
     if not missing:
         return None
     what = "; ".join(FEATURES[name][0] for name in missing)
-    return (f"needs a newer host: {what}, which {NEWER_HOST} has; this host ({import_host()}) "
-            f"lacks {'it' if len(missing) == 1 else 'them'}")
+    reason = (f"needs a newer host: {what}, which {NEWER_HOST} has; this host ({import_host()}) "
+              f"lacks {'it' if len(missing) == 1 else 'them'}")
+    _ISSUED_REASONS.add(reason)
+    return reason
+
+
+def is_host_skip(text):
+    """Whether a skip's text carries a reason handed out by missing_reason."""
+    return any(reason in text for reason in _ISSUED_REASONS)
+
+
+def _check_known(features):
+    unknown = [name for name in features if name not in FEATURES]
+    if not features or unknown:
+        raise ValueError(f"host.requires: unknown feature(s) {unknown}; known: {sorted(FEATURES)}")
 
 
 def requires(*features):
     """Mark a test (or, as `pytestmark`, a module) as needing these host features."""
-    unknown = [name for name in features if name not in FEATURES]
-    if not features or unknown:
-        raise ValueError(f"host.requires: unknown feature(s) {unknown}; known: {sorted(FEATURES)}")
+    _check_known(features)
     import pytest
 
     return pytest.mark.host_requires(*features)
+
+
+def module_requires(*features):
+    """Call at the top of a test module whose imports need these features, before those imports:
+    where the host lacks them the whole module skips (with the same reason as `requires`)."""
+    reason = missing_reason(features)
+    if reason:
+        import pytest
+
+        pytest.skip(reason, allow_module_level=True)
 
 
 def _init_weights(module, seed):
