@@ -40,7 +40,8 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
 def _range_text(low, high, low_open, high_open, integer):
     kind = "a whole number" if integer else "a number"
     if low is not None and high is not None:
-        return f"{kind + ' ' if integer else ''}in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{kind} in {interval}" if integer else f"in {interval}"
     if low is not None:
         return f"{kind} {'>' if low_open else '>='} {low:g}"
     if high is not None:

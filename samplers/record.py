@@ -9,11 +9,11 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     check_sampling(steps, cfg, denoise)
     check_latent(model, latent_samples(model, latent), "latent_image")
-    prompt = positive if branch == "cond" else negative
+    prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
     recorder = AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=prompt[0][0].shape[1])
     recorder.install(patched, latent["samples"].shape[-2:], sigmas)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
-    return out, recorder.maps(annotation_of(prompt), no_words_reason(prompt, "positive" if branch == "cond" else "negative"))
+    return out, recorder.maps(annotation_of(prompt), no_words_reason(prompt, prompt_name))
