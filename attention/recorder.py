@@ -68,7 +68,7 @@ class AttentionRecorder:
 
     def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
+            raise ValueError(f"'branch' must be one of {list(BRANCHES)}, got {branch!r}")
         self.level = level
         self.parts = tuple(parts)
         self.branch = BRANCHES[branch]

@@ -139,9 +139,10 @@ def _ids(sd_tokenizer, text):
 
 
 def _embedding(sd_tokenizer, word):
-    """For a word ComfyUI reads as `embedding:name`: (vector count, 0 when the embedding does not
-    exist and ComfyUI skips it with a warning, the text after the name that ComfyUI tokenises);
-    None for any other word. Uses the tokenizer's own look-up, so both hosts' rules apply."""
+    """(vector count, text after the name that ComfyUI tokenises) for a word ComfyUI reads as
+    `embedding:name`; count 0 when the embedding does not exist (ComfyUI then skips it with a
+    warning, as CLIP Text Encode). None for any other word. Uses the tokenizer's own look-up, so
+    each host's rules apply."""
     identifier = getattr(sd_tokenizer, "embedding_identifier", None)
     finder = getattr(sd_tokenizer, "_try_get_embedding", None)
     if (not identifier or finder is None or getattr(sd_tokenizer, "embedding_directory", None) is None
@@ -237,8 +238,8 @@ def no_words_reason(conditioning, input_name="positive"):
     if len(texts) > 1:
         joined = " + ".join(f'"{_short(text, 40)}"' for text in texts)
         return (f"the '{input_name}' conditioning joins {len(texts)} different prompts ({joined}), e.g. by "
-                "Conditioning Combine; their attention mixes two word layouts, so no word can be found "
-                "in it. Record (or edit) with one prompt: one Attention Text Encode, without "
+                "Conditioning Combine; their attention mixes their word layouts, so no word can be "
+                "found in it. Record (or edit) with one prompt: one Attention Text Encode, without "
                 "Conditioning Combine")
     return (f"the '{input_name}' conditioning does not say which tokens are which words. Encode the "
             "prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP Text Encode; "

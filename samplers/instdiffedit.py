@@ -255,7 +255,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     import comfy.samplers
 
     if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+        raise ValueError(f"'background' must be one of {BACKGROUNDS}, got {background!r}")
     check_sampling(steps, cfg)
     check_number(copies, "copies", 1, integer=True)
     check_strength(strength)

@@ -78,7 +78,7 @@ def ddim_schedule(model_sampling, steps):
     """
     train_steps = len(model_sampling.sigmas)
     if not 1 <= steps <= train_steps:
-        raise ValueError(f"steps must be between 1 and {train_steps}, got {steps}.")
+        raise ValueError(f"'steps' must be between 1 and {train_steps} (the model's training steps), got {steps}.")
     timesteps = torch.arange(steps - 1, -1, -1) * (train_steps // steps)
     sigmas = model_sampling.sigma(timesteps.float()).float().cpu()
     return timesteps, torch.cat([sigmas, sigmas[-1:]])

@@ -133,7 +133,8 @@ def prepare_mask(mask, latent_hw, grid_hw):
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3:
-        raise ValueError(f"MASK must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
+        raise ValueError(f"the 'mask' input must be a MASK [H, W] or [B, H, W], got shape "
+                         f"{tuple(mask.shape)}")
     h, w = latent_hw
     mh, mw = mask.shape[-2:]
     # One latent pixel of slack: an image whose size is not a multiple of 8 encodes to floor(size / 8).
