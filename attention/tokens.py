@@ -180,6 +180,10 @@ def prompt_tokens(clip, text):
     end_id = sd_tokenizer.end_token
     hf = sd_tokenizer.tokenizer
 
+    expected = _expected_words(text, sd_tokenizer)
+    # The content token stream ComfyUI should have produced (None: an embedding vector). An end
+    # token is a chunk's end unless the prompt itself holds one there (a typed <|endoftext|>).
+    stream = [t for _, _, _, count, ids in expected for t in [None] * count + list(ids)]
     strings, content, end_positions = [], [], []
     for chunk_index, chunk in enumerate(chunks):
         ended = False
@@ -187,11 +191,12 @@ def prompt_tokens(clip, text):
             token = entry[0]
             token = int(token) if not hasattr(token, "shape") else token
             position = chunk_index * len(chunk) + offset
+            typed_end = len(content) < len(stream) and stream[len(content)] == end_id
             if offset == 0 and start_id is not None and token == start_id:
                 strings.append("<start>")
             elif ended:
                 strings.append("<pad>")
-            elif isinstance(token, int) and token == end_id:
+            elif isinstance(token, int) and token == end_id and not typed_end:
                 strings.append("<end>")
                 end_positions.append(position)
                 ended = True
@@ -200,7 +205,7 @@ def prompt_tokens(clip, text):
                 content.append((position, token))
 
     words, cursor = [], 0
-    for index, word, weight, count, ids in _expected_words(text, sd_tokenizer):
+    for index, word, weight, count, ids in expected:
         vectors = content[cursor:cursor + count]
         actual = [t for _, t in content[cursor + count:cursor + count + len(ids)]]
         if any(isinstance(t, int) for _, t in vectors) or actual != list(ids):

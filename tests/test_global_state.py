@@ -63,7 +63,8 @@ def snapshot(models):
         "saved_tensors_hooks": torch._C._autograd._top_saved_tensors_default_hooks(False) is not None,
         "interrupted": mm.processing_interrupted(), "vram_state": mm.vram_state, "cpu_state": mm.cpu_state,
         "attention": attention.optimized_attention,
-        "samplers": tuple(comfy.samplers.KSampler.SAMPLERS), "schedulers": tuple(comfy.samplers.KSampler.SCHEDULERS),
+        "samplers": tuple(comfy.samplers.KSampler.SAMPLERS),
+        "schedulers": tuple(comfy.samplers.KSampler.SCHEDULERS),
         "pack": {name: _module_data(module) for name, module in _pack_modules().items()},
         "models": [_model_state(model) for model in models],
     }

@@ -349,10 +349,21 @@ def test_missing_embedding_is_ignored_like_clip_text_encode(clip_with_embeddings
 
 def test_instructions_with_embeddings(clip_with_embeddings):
     clip = clip_with_embeddings
-    parsed = instructions.parse_instructions(clip, "put a *hat* on embedding:missing dog; make *embedding:tinyemb* red")
+    text = "put a *hat* on embedding:missing dog; make *embedding:tinyemb* red"
+    parsed = instructions.parse_instructions(clip, text)
     strings = parsed.tokens.token_strings
     assert [strings[p] for p in parsed.spans[0]] == ["put</w>", "a</w>", "hat</w>", "on</w>", "dog</w>"]
     assert [strings[p] for p in parsed.keyword_positions[1]] == ["<embedding>", "<embedding>"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_typed_end_token_is_a_word_not_the_end(family, comfy_host):
+    text = "a cat <|endoftext|> on a sofa"  # CLIP Text Encode encodes it; so must the pack
+    encoded, = call("AttentionEditTextEncode", clip=fixtures.clip(family), text=text)
+    tokens = tokens_mod.tokens_of(encoded)
+    assert tokens.word_list() == ["a", "cat", "<|endoftext|>", "on", "a", "sofa"]
+    assert tokens.positions("sofa") == [6] and tokens.end_positions == (7,)
+    assert tokens.token_strings[3] == "<|endoftext|>" and tokens.token_strings[7] == "<end>"
 
 
 # --------------------------------------------------------------------------------------------
