@@ -33,9 +33,9 @@ def model_latent_channels(model):
     return getattr(latent_format, "latent_channels", None)
 
 
-def check_latent(model, samples, input_name, what="latent"):
-    """The one latent check of every sampler: a LATENT of the model's own channel count, finite.
-    Returns `samples`."""
+def check_latent(model, samples, input_name, what="latent", noise_mask=None):
+    """The one latent check of every sampler: a LATENT of the model's own channel count, finite,
+    with a finite noise mask (Set Latent Noise Mask) if it has one. Returns `samples`."""
     channels = model_latent_channels(model)
     if channels is not None and (samples.dim() < 2 or samples.shape[1] != channels):
         found = samples.shape[1] if samples.dim() >= 2 else "no"
@@ -47,6 +47,8 @@ def check_latent(model, samples, input_name, what="latent"):
     check_finite(samples, f"the '{input_name}' {what}",
                  "the node that made it produced invalid values (VAE Encode in fp16 can overflow: start "
                  "ComfyUI with --fp32-vae)")
+    check_finite(noise_mask, f"the '{input_name}' {what}'s noise mask",
+                 "the node that made the mask produced invalid values; check it, or paint the mask")
     return samples
 
 

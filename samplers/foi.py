@@ -268,7 +268,8 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
     check_sampling(steps, denoise=denoise)
     guider = foi_guider(model, positive, negative, config)
     sigmas = schedule(guider.model_patcher, steps, sampler_name, scheduler, denoise)
-    samples = check_latent(model, latent_samples(model, latent), "latent_image")
+    samples = check_latent(model, latent_samples(model, latent), "latent_image",
+                           noise_mask=latent.get("noise_mask"))
     init = source_latent(positive, samples) if start == "source image" else samples
     noise = initial_noise({**latent, "samples": samples}, seed)
     sampler = comfy.samplers.sampler_object(sampler_name)

@@ -109,11 +109,11 @@ def check_thresholds(theta_hi, theta_lo, phi):
     check_number(phi, "phi", 0.0, 1.0, high_open=True, hint="the mask threshold on the normalised map")
 
 
-def check_source(model, samples, input_name="source"):
+def check_source(model, samples, input_name="source", noise_mask=None):
     if samples.dim() != 4:
         raise ValueError(f"the '{input_name}' latent has shape {tuple(samples.shape)}; InstDiffEdit "
                          "needs image latents [batch, channels, height, width] (VAE Encode)")
-    check_latent(model, samples, input_name)
+    check_latent(model, samples, input_name, noise_mask=noise_mask)
 
 
 def check_grid(grid, latent_hw, input_name="source"):
@@ -262,7 +262,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     check_thresholds(theta_hi, theta_lo, phi)
     groups, eos = word_groups(tokens_of(positive, "positive"))
     source = latent_samples(model, latent)
-    check_source(model, source)
+    check_source(model, source, noise_mask=latent.get("noise_mask"))
     images, latent_hw = source.shape[0], tuple(source.shape[-2:])
 
     patched = model.clone()

@@ -8,7 +8,7 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
                      denoise=1.0, level=2, parts=("input", "output"), branch="cond"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     check_sampling(steps, cfg, denoise)
-    check_latent(model, latent_samples(model, latent), "latent_image")
+    check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)

@@ -202,6 +202,17 @@ def test_inversion_of_a_latent_with_one_nan_pixel_is_an_error(comfy_host):
         call("AttentionEditInversion", **inputs("AttentionEditInversion", latent=source))
 
 
+@pytest.mark.parametrize("key, name", [("AttentionEditKSamplerRecord", "latent_image"),
+                                       ("AttentionEditInstDiffEdit", "source"),
+                                       ("AttentionEditFoISampler", "latent_image")])
+def test_nan_in_a_latents_noise_mask_is_an_error(key, name):
+    latent = node_calls.latent()
+    latent["noise_mask"] = torch.ones(1, 1, 128, 128)
+    latent["noise_mask"][0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"'{name}' latent's noise mask contains NaN"):
+        call(key, **inputs(key, **{name: latent}))
+
+
 def test_nan_in_a_mask_is_never_inside():
     mask = node_calls.box_mask()
     mask[0, 0, 0] = float("nan")
