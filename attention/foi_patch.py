@@ -30,6 +30,7 @@ import logging
 import torch
 
 from ..masks.foi import keyword_masks, token_region_mask, union_mask
+from ..masks.validate import check_finite
 from .foi_modulation import modulated_attention, token_alpha
 from .layers import (ReplacePatch, comfy_attention, install_replace, level_grid, select_layers,
                      unet_attention_layers)
@@ -107,6 +108,7 @@ class FoIState:
         maps = torch.stack([mean[..., list(pos)].mean(-1) for pos in self.instructions.keyword_positions],
                            dim=1)  # [B, K, h*w]
         maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+        check_finite(maps, "FoI's keyword attention at the first step")  # small; NaN gives empty masks
         self.masks, self.soft_maps = keyword_masks(maps, tau=tau, gamma=gamma, kernel_size=kernel_size,
                                                    sigma=sigma)
         self.prob_sum = None

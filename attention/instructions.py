@@ -20,7 +20,7 @@ Token bookkeeping (positions index the conditioning's token axis, like attention
 import re
 from dataclasses import dataclass, field
 
-from .tokens import PromptTokens, _primary_tokenizer, _short, prompt_tokens
+from .tokens import PromptTokens, _ids, _primary_tokenizer, _short, prompt_tokens, prompt_words
 
 INSTRUCTIONS_KEY = "attention_edit_instructions"
 SEPARATORS = ";\n"
@@ -136,18 +136,6 @@ def encoded_text(text):
 # Token level
 # --------------------------------------------------------------------------------------------
 
-def _ids(sd_tokenizer, text):
-    return sd_tokenizer.tokenizer(text)["input_ids"][sd_tokenizer.tokens_start:-1]
-
-
-def _marked_words(marked):
-    """Words of the marked text split the way ComfyUI splits the prompt (weights, escapes)."""
-    from comfy import sd1_clip
-
-    for segment, _weight in sd1_clip.token_weights(sd1_clip.escape_important(marked), 1.0):
-        yield from sd1_clip.unescape_important(segment).split()
-
-
 def _char_labels(word, state):
     """Per visible character of a marked word: (sub-instruction index or None, in keyword).
     `state` = [sub-instruction index, inside keyword] carries across words."""
@@ -206,17 +194,20 @@ def parse_instructions(clip, text):
 
     spans = [[] for _ in subs]
     keyword_positions = [[] for _ in subs]
+    by_index = {word.index: word for word in tokens.words}
     state = [0, False]
     word_index = 0
-    for marked in _marked_words(_marked_text(text)):
+    for marked, _weight in prompt_words(_marked_text(text)):
         chars, labels = _char_labels(marked, state)
-        if not chars.strip() or not _ids(sd_tokenizer, chars):
-            continue  # a word of markers only, or one without tokens: ComfyUI skips it too
-        if word_index >= len(tokens.words) or tokens.words[word_index].text != chars:
+        if not chars:
+            continue  # a word of markers only: not a word of the encoded prompt
+        word = by_index.get(word_index)
+        word_index += 1
+        if word is None:
+            continue  # no tokens (a missing embedding, which ComfyUI skips): no positions to label
+        if word.text != chars:
             raise RuntimeError(f"could not align the instruction \"{_short(text)}\" with its tokens; "
                                "please report this instruction")
-        word = tokens.words[word_index]
-        word_index += 1
         for position, (owner, in_keyword) in _token_labels(word, word.positions, chars, labels,
                                                            sd_tokenizer, tokens.token_strings):
             if owner is None:

@@ -82,11 +82,17 @@ def select_layers(model_patcher, level, parts=("input", "output")):
         raise ValueError(f"unknown UNet part(s) {sorted(unknown)}; use any of {BLOCK_PARTS}")
     layers = [layer for layer, _ in unet_attention_layers(model_patcher) if layer.part in parts]
     chosen = [layer for layer in layers if layer.level == level]
+    if not chosen and not layers:
+        raise ValueError(
+            f"this model has no cross-attention layers in the UNet parts {list(parts)}, so there is "
+            "no text attention to read there: use a text-conditioned model (SD1.x, SD2.x, SDXL) or, "
+            "in KSampler (Record Attention), other 'layers'")
     if not chosen:
         available = sorted({layer.level for layer in layers})
         raise ValueError(
-            f"this model has no cross-attention at 1/{2 ** level} of the latent in {list(parts)}; "
-            f"choose one of: {', '.join(f'1/{2 ** lv}' for lv in available)}"
+            f"this model has no cross-attention at 1/{2 ** level} of the latent in the UNet parts "
+            f"{list(parts)}; it has some at {', '.join(f'1/{2 ** lv}' for lv in available)} (in KSampler "
+            "(Record Attention), set 'resolution' to one of those)"
         )
     return chosen
 

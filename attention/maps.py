@@ -1,9 +1,14 @@
 """ATTENTION_MAPS: the object recorded attention travels in between nodes."""
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..masks.validate import check_finite
 from .tokens import PromptWordError
+
+NO_WORDS = ("encode the prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP "
+            "Text Encode, so words can be found")
 
 
 @dataclass
@@ -12,18 +17,24 @@ class AttentionMaps:
     tokens: object  # PromptTokens of the prompt whose attention this is, or None
     latent_hw: tuple  # latent (H, W); the image is 8x that
     level: int  # maps are latent / 2**level
+    no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
+
+    def __post_init__(self):
+        # Small maps, checked once: NaN maps would give empty masks and black heatmaps silently.
+        check_finite(self.probs, "the recorded attention")
 
     @property
     def batch(self):
         return self.probs.shape[0]
 
-    def positions(self, word):
+    def require_tokens(self):
+        """The maps' PromptTokens, or a PromptWordError saying why they have none and what to do."""
         if self.tokens is None:
-            raise PromptWordError(
-                "these attention maps carry no prompt words; encode the prompt with the "
-                "'Attention Text Encode' node so words can be found"
-            )
-        positions = self.tokens.positions(word)
+            raise PromptWordError(f"these attention maps carry no prompt words: {self.no_words or NO_WORDS}")
+        return self.tokens
+
+    def positions(self, word):
+        positions = self.require_tokens().positions(word)
         if max(positions) >= self.probs.shape[-1]:
             raise PromptWordError(f"\"{word}\" lies beyond the recorded tokens ({self.probs.shape[-1]})")
         return positions

@@ -68,7 +68,7 @@ class AttentionRecorder:
 
     def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {list(BRANCHES)}, got {branch!r}")
+            raise ValueError(f"'branch' must be one of {list(BRANCHES)}, got {branch!r}")
         self.level = level
         self.parts = tuple(parts)
         self.branch = BRANCHES[branch]
@@ -142,13 +142,15 @@ class AttentionRecorder:
         h, w = self.grid
         return (self.total / self.count).reshape(self.total.shape[0], h, w, self.total.shape[-1])
 
-    def maps(self, tokens=None):
-        """The recording as an ATTENTION_MAPS object."""
+    def maps(self, tokens=None, no_words=None):
+        """The recording as an ATTENTION_MAPS object (no_words: why `tokens` is None)."""
         mean = self.mean()
         if mean is None:
             raise RuntimeError(
-                "no cross-attention was recorded: check that the sampling ran the chosen steps, that "
-                "the conditioning covers the whole image, and, for the negative (uncond) branch, "
-                "that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
+                "no cross-attention was recorded: the sampling ran no step at the chosen layers. Check "
+                "that 'steps' is at least 1 and 'denoise' above 0 (denoise 0 runs no step), that the "
+                "conditioning covers the whole image (no area or mask conditioning alone), and, for the "
+                "negative (uncond) branch, that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
             )
-        return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level)
+        return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level,
+                             no_words=no_words)

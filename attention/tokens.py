@@ -36,6 +36,7 @@ class Word:
     text: str  # as written, weights and escapes removed ("shiba," keeps its comma)
     positions: tuple  # token positions on the conditioning's token axis
     weight: float = 1.0
+    index: int = -1  # which word of `prompt_words(text)` it is (words without tokens have none)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class PromptTokens:
 
     text: str
     token_strings: list  # one per position: "<start>", "shi", "ba</w>", "<end>", "<pad>", "<embedding>"
+    # words: an `embedding:name` word holds its vectors' positions (plus a trailing ',' ComfyUI
+    # tokenises); a missing embedding has no tokens, as CLIP Text Encode ignores it
     words: list = field(default_factory=list)
     end_positions: tuple = ()  # first end token of each chunk
 
@@ -70,12 +73,17 @@ class PromptTokens:
     def word_list(self):
         return [word.text for word in self.words]
 
+    def shown_words(self):
+        """The words a user can look up: without punctuation-only words such as a lone ','."""
+        return [text for text in self.word_list() if normalise_word(text)]
+
     def occurrences(self, query):
         """Token positions of every occurrence of `query` (one or more consecutive words)."""
         wanted = [normalise_word(w) for w in query.split()]
         wanted = [w for w in wanted if w]
         if not wanted:
-            raise PromptWordError(f"the word to look for is empty (got {query!r}); type a word of the prompt")
+            raise PromptWordError(f"the word to look for is empty (got {query!r}; punctuation around "
+                                  "words is ignored): type a word of the prompt")
         names = [normalise_word(word.text) for word in self.words]
         found = []
         for start in range(len(names) - len(wanted) + 1):
@@ -87,10 +95,14 @@ class PromptTokens:
     def positions(self, query):
         """All token positions of `query` in the prompt; a clear error when it is not there."""
         found = self.occurrences(query)
+        if not found and not self.shown_words():
+            raise PromptWordError(
+                f"\"{query}\" is not a word of the prompt: the prompt \"{_short(self.text)}\" has no "
+                "words. Type the prompt in the text encode node.")
         if not found:
             raise PromptWordError(
                 f"\"{query}\" is not a word of the prompt \"{_short(self.text)}\". Words of the prompt: "
-                f"{', '.join(repr(w) for w in self.word_list())}. Use one of them (whole words, "
+                f"{', '.join(repr(w) for w in self.shown_words())}. Use one of them (whole words, "
                 "case and surrounding punctuation ignored)."
             )
         return sorted({p for positions in found for p in positions})
@@ -111,16 +123,46 @@ def _primary_tokenizer(clip):
     )
 
 
-def _expected_words(text, sd_tokenizer):
-    """(word, weight, token ids) in ComfyUI's tokenisation order."""
+def prompt_words(text):
+    """(word, weight) of every word of a prompt, split where ComfyUI's SD tokenizer splits it:
+    weights `(word:1.2)` and escapes parsed, then at spaces and new lines."""
     from comfy import sd1_clip
 
-    out = []
     for segment, weight in sd1_clip.token_weights(sd1_clip.escape_important(text), 1.0):
-        for word in sd1_clip.unescape_important(segment).split():
-            ids = sd_tokenizer.tokenizer(word)["input_ids"][sd_tokenizer.tokens_start:-1]
-            if ids:
-                out.append((word, weight, ids))
+        for word in re.split("[ \n]", sd1_clip.unescape_important(segment)):
+            if word:
+                yield word, weight
+
+
+def _ids(sd_tokenizer, text):
+    return sd_tokenizer.tokenizer(text)["input_ids"][sd_tokenizer.tokens_start:-1]
+
+
+def _embedding(sd_tokenizer, word):
+    """(vector count, text after the name that ComfyUI tokenises) for a word ComfyUI reads as
+    `embedding:name`; count 0 when the embedding does not exist (ComfyUI then skips it with a
+    warning, as CLIP Text Encode). None for any other word. Uses the tokenizer's own look-up, so
+    each host's rules apply."""
+    identifier = getattr(sd_tokenizer, "embedding_identifier", None)
+    finder = getattr(sd_tokenizer, "_try_get_embedding", None)
+    if (not identifier or finder is None or getattr(sd_tokenizer, "embedding_directory", None) is None
+            or not word.startswith(identifier)):
+        return None
+    embed, leftover = finder(word[len(identifier):].strip("\n"))
+    count = 0 if embed is None else (1 if embed.dim() == 1 else embed.shape[0])
+    return count, leftover.strip()
+
+
+def _expected_words(text, sd_tokenizer):
+    """(word index, word, weight, embedding vector count, token ids) in ComfyUI's tokenisation
+    order; the index counts the words of `prompt_words`, so callers can find a word again."""
+    out = []
+    for index, (word, weight) in enumerate(prompt_words(text)):
+        embedding = _embedding(sd_tokenizer, word)
+        count, rest = embedding if embedding is not None else (0, word)
+        ids = _ids(sd_tokenizer, rest) if rest else []
+        if count or ids:
+            out.append((index, word, weight, count, ids))
     return out
 
 
@@ -138,6 +180,10 @@ def prompt_tokens(clip, text):
     end_id = sd_tokenizer.end_token
     hf = sd_tokenizer.tokenizer
 
+    expected = _expected_words(text, sd_tokenizer)
+    # The content token stream ComfyUI should have produced (None: an embedding vector). An end
+    # token is a chunk's end unless the prompt itself holds one there (a typed <|endoftext|>).
+    stream = [t for _, _, _, count, ids in expected for t in [None] * count + list(ids)]
     strings, content, end_positions = [], [], []
     for chunk_index, chunk in enumerate(chunks):
         ended = False
@@ -145,11 +191,12 @@ def prompt_tokens(clip, text):
             token = entry[0]
             token = int(token) if not hasattr(token, "shape") else token
             position = chunk_index * len(chunk) + offset
+            typed_end = len(content) < len(stream) and stream[len(content)] == end_id
             if offset == 0 and start_id is not None and token == start_id:
                 strings.append("<start>")
             elif ended:
                 strings.append("<pad>")
-            elif isinstance(token, int) and token == end_id:
+            elif isinstance(token, int) and token == end_id and not typed_end:
                 strings.append("<end>")
                 end_positions.append(position)
                 ended = True
@@ -158,23 +205,16 @@ def prompt_tokens(clip, text):
                 content.append((position, token))
 
     words, cursor = [], 0
-    for word, weight, ids in _expected_words(text, sd_tokenizer):
-        if cursor < len(content) and not isinstance(content[cursor][1], int):
-            # A textual-inversion embedding: its vectors stand where the word was.
-            count = 1
-            while cursor + count < len(content) and not isinstance(content[cursor + count][1], int):
-                count += 1
-            words.append(Word(word, tuple(p for p, _ in content[cursor:cursor + count]), weight))
-            cursor += count
-            continue
-        actual = [t for _, t in content[cursor:cursor + len(ids)]]
-        if actual != list(ids):
+    for index, word, weight, count, ids in expected:
+        vectors = content[cursor:cursor + count]
+        actual = [t for _, t in content[cursor + count:cursor + count + len(ids)]]
+        if any(isinstance(t, int) for _, t in vectors) or actual != list(ids):
             raise RuntimeError(
                 f"could not align the word {word!r} with the tokens ComfyUI produced for "
-                f"\"{_short(text)}\"; please report this prompt"
-            )
-        words.append(Word(word, tuple(p for p, _ in content[cursor:cursor + len(ids)]), weight))
-        cursor += len(ids)
+                f"\"{_short(text)}\"; please report this prompt")
+        span = content[cursor:cursor + count + len(ids)]
+        words.append(Word(word, tuple(p for p, _ in span), weight, index))
+        cursor += len(span)
     return PromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(end_positions))
 
 
@@ -195,14 +235,25 @@ def annotation_of(conditioning):
     return found[0]
 
 
+def no_words_reason(conditioning, input_name="positive"):
+    """Why `annotation_of(conditioning)` is None, and what to do: the error text of every node
+    that needs words from it (or from the maps recorded with it)."""
+    texts = list(dict.fromkeys(options[ANNOTATION_KEY].text for _, options in conditioning
+                               if ANNOTATION_KEY in options))
+    if len(texts) > 1:
+        joined = " + ".join(f'"{_short(text, 40)}"' for text in texts)
+        return (f"the '{input_name}' conditioning joins {len(texts)} different prompts ({joined}), e.g. by "
+                "Conditioning Combine; their attention mixes their word layouts, so no word can be "
+                "found in it. Record (or edit) with one prompt: one Attention Text Encode, without "
+                "Conditioning Combine")
+    return (f"the '{input_name}' conditioning does not say which tokens are which words. Encode the "
+            "prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP Text Encode; "
+            "it works anywhere CLIP Text Encode does, ControlNet nodes included")
+
+
 def tokens_of(conditioning, input_name="positive"):
-    """The PromptTokens carried by a CONDITIONING, or a clear error naming the node to use."""
+    """The PromptTokens carried by a CONDITIONING, or a clear error saying why there are none."""
     tokens = annotation_of(conditioning)
     if tokens is not None:
         return tokens
-    raise ValueError(
-        f"the '{input_name}' conditioning does not say which tokens are which words. Encode the "
-        "prompt with the 'Attention Text Encode' node (attention_edit) instead of CLIP Text Encode; "
-        "it works anywhere CLIP Text Encode does, ControlNet nodes included. (Prompts joined by "
-        "Conditioning Combine have no single word layout: use one prompt.)"
-    )
+    raise ValueError(no_words_reason(conditioning, input_name) + ".")

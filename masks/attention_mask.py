@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .filters import gaussian_smooth, minmax_normalize
+from .validate import check_number
 
 COMBINE_MODES = ("union", "intersection", "mean")
 
@@ -31,6 +32,8 @@ def word_mask(word_map, out_hw, blur_sigma=1.0, threshold=0.5):
     Blur at map resolution, min-max per image, upscale bilinearly; threshold > 0 gives a binary
     mask (>= threshold), threshold 0 keeps the soft map.
     """
+    check_number(blur_sigma, "blur", 0.0, 8.0, hint="Gaussian sigma in attention-map pixels")
+    check_number(threshold, "threshold", 0.0, 1.0, hint="fraction of each map's range; 0 gives the soft map")
     soft = minmax_normalize(blur(word_map.float(), blur_sigma))
     soft = resize_maps(soft, out_hw).clamp(0, 1)
     return (soft >= threshold).float() if threshold > 0 else soft
@@ -60,5 +63,6 @@ def colormap(values):
 
 def heatmap_overlay(image, word_map, opacity=0.6):
     """image [B, H, W, 3] in 0..1 and a map [B, h, w] -> overlay [B, H, W, 3]."""
+    check_number(opacity, "opacity", 0.0, 1.0)
     soft = resize_maps(minmax_normalize(word_map.float()), image.shape[1:3]).clamp(0, 1)
     return (image[..., :3].float() * (1 - opacity) + colormap(soft) * opacity).clamp(0, 1)

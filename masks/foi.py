@@ -84,14 +84,9 @@ def union_mask(keyword_masks, out_hw):
 # --------------------------------------------------------------------------------------------
 
 def token_indices(span, n_tokens):
-    """Token positions of one span: a tuple (start, end) is the half-open range start..end-1;
-    a list, range or 1-D tensor lists the positions explicitly."""
-    if isinstance(span, range):
-        idx = list(span)
-    elif isinstance(span, tuple) and len(span) == 2 and all(isinstance(v, int) for v in span):
-        idx = list(range(span[0], span[1]))
-    else:
-        idx = [int(i) for i in span]
+    """Token positions of one span. A span is always the explicit positions of its tokens (a tuple,
+    list, range or 1-D tensor of ints): (4, 5) is the two tokens 4 and 5, never a range."""
+    idx = [int(i) for i in (span.tolist() if torch.is_tensor(span) else span)]
     for i in idx:
         if not 0 <= i < n_tokens:
             raise ValueError(f"token index {i} outside 0..{n_tokens - 1}")
@@ -108,7 +103,7 @@ def token_region_mask(keyword_masks, subinstruction_token_spans, n_tokens, out_h
     out_hw with `resize_mask`). Pixels are flattened row-major (p = y * W + x), the order of the
     query axis in ComfyUI's attention (b c h w -> b (h w) c). `subinstruction_token_spans[i]` holds
     the token positions of sub-instruction i (same for every batch item); a token in several
-    spans gets the OR of their masks.
+    spans gets the OR of their masks. Spans are explicit positions (`token_indices`).
 
     Tokens outside every sub-instruction (BOS, EOS, padding, separators such as "and"), `outside`:
       "union" (default): the column is OR_i M_ei, i.e. such tokens follow the pixel: inside any

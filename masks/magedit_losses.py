@@ -9,7 +9,8 @@ Inputs shared by every function:
   [heads, pixels, tokens], or [batch, heads, pixels, tokens] for a batch of images. All layers
   share the mask's resolution (MAG-Edit uses the five 16x16 layers).
 * `mask`: the edit region at that resolution, [h, w] or [pixels] (shared by the batch), or
-  [batch, h, w] / [batch, pixels] (one per image). Any nonzero value counts as inside.
+  [batch, h, w] / [batch, pixels] (one per image). Any nonzero value counts as inside; NaN / inf
+  are an error.
 * `word_token_indices`: one list of token positions per edit word (every BPE piece of every
   occurrence, BOS = 0), e.g. [[5], [2, 3]].
 * `n_words`: the normaliser W; defaults to len(word_token_indices). The official code skips a
@@ -20,6 +21,8 @@ Each loss is 0-d for unbatched maps and [batch] (one loss per image) for batched
 before backward, which keeps the images' gradients independent.
 """
 import torch
+
+from .validate import mask_inside
 
 LOSS_KINDS = ("token", "spatial", "both")
 
@@ -42,7 +45,7 @@ def _prepare(layer_maps, mask, word_token_indices, n_words):
             f"{[layer.shape[-2] for layer in layers]}."
         )
 
-    inside = torch.as_tensor(mask).to(layers[0].device) != 0
+    inside = mask_inside(torch.as_tensor(mask).to(layers[0].device))
     if inside.numel() == pixels:
         inside = inside.reshape(pixels)
     elif ndim == 4 and inside.numel() == layers[0].shape[0] * pixels:

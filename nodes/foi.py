@@ -136,9 +136,7 @@ class FoISampler:
                                  scheduler, config, start=start)
         latent_hw = tuple(out["samples"].shape[-2:])
         keywords = guider.state.instructions.keywords
-        masks = guider.masks
-        if masks is None:  # nothing was sampled (denoise 0): no masks
-            masks = torch.zeros(out["samples"].shape[0], len(keywords), *latent_hw)
+        masks = guider.masks  # made at the first step; denoise > 0 and steps >= 1 are checked
         return (out, image_masks(masks, latent_hw), mask_preview(masks, keywords, latent_hw))
 
 

@@ -36,10 +36,11 @@ def _words_or_all(maps, words):
     chosen = split_words(words)
     if chosen:
         return chosen
-    if maps.tokens is None:
-        raise ValueError("type the words to show in 'words': these maps carry no prompt words (encode "
-                         "the prompt with 'Attention Text Encode' to show every word by default)")
-    return maps.tokens.word_list()
+    shown = maps.require_tokens().shown_words()
+    if not shown:
+        raise ValueError(f"the prompt \"{maps.tokens.text}\" has no words to show: record a prompt with "
+                         "words, or type the words to show in 'words'")
+    return shown
 
 
 class AttentionHeatmap:

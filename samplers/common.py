@@ -1,6 +1,8 @@
 """Sampling plumbing shared by the pack's samplers: schedule, noise, progress/preview, KSampler."""
 import importlib
 
+from ..masks.validate import check_finite, check_number
+
 
 def schedule(model, steps, sampler_name, scheduler, denoise=1.0):
     """The sigmas ComfyUI's KSampler would use for these settings (denoise already applied)."""
@@ -9,6 +11,45 @@ def schedule(model, steps, sampler_name, scheduler, denoise=1.0):
     ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                        scheduler=scheduler, denoise=denoise, model_options=model.model_options)
     return ksampler.sigmas
+
+
+def check_sampling(steps, cfg=None, denoise=None):
+    """KSampler's numeric inputs, by their node names: steps >= 1, cfg >= 0, denoise in (0, 1]."""
+    check_number(steps, "steps", 1, integer=True)
+    if cfg is not None:
+        check_number(cfg, "cfg", 0.0)
+    if denoise is not None:
+        check_number(denoise, "denoise", 0.0, 1.0, low_open=True,
+                     hint="denoise 0 runs no sampling step, so nothing would be recorded or edited")
+
+
+def model_latent_channels(model):
+    """The channel count of the model's own latent format (4 for SD1.x / SDXL, 16 for SD3 / Flux,
+    ...), or None where the model does not say."""
+    try:
+        latent_format = model.get_model_object("latent_format")
+    except AttributeError:
+        latent_format = getattr(getattr(model, "model", None), "latent_format", None)
+    return getattr(latent_format, "latent_channels", None)
+
+
+def check_latent(model, samples, input_name, what="latent", noise_mask=None):
+    """The one latent check of every sampler: a LATENT of the model's own channel count, finite,
+    with a finite noise mask (Set Latent Noise Mask) if it has one. Returns `samples`."""
+    channels = model_latent_channels(model)
+    if channels is not None and (samples.dim() < 2 or samples.shape[1] != channels):
+        found = samples.shape[1] if samples.dim() >= 2 else "no"
+        raise ValueError(
+            f"the '{input_name}' {what} has {found} channels but this model works on {channels}-channel "
+            "latents: it was made for another model family. Encode the image with the VAE that "
+            "matches the model (the one from the same checkpoint), or make the empty latent for "
+            "this model.")
+    check_finite(samples, f"the '{input_name}' {what}",
+                 "the node that made it produced invalid values (VAE Encode in fp16 can overflow: start "
+                 "ComfyUI with --fp32-vae)")
+    check_finite(noise_mask, f"the '{input_name}' {what}'s noise mask",
+                 "the node that made the mask produced invalid values; check it, or paint the mask")
+    return samples
 
 
 def latent_samples(model, latent):
@@ -66,5 +107,5 @@ def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
                               callback=callback or progress_callback(model, steps),
                               disable_pbar=progress_disabled(), seed=seed)
     result = dict(latent)
-    result["samples"] = out
+    result["samples"] = check_finite(out, "the sampled latent")  # once, after sampling
     return result

@@ -25,6 +25,9 @@ img + s_T (full - img) (Eq. 9 then masks what it adds to the image branch); the
 import math
 from dataclasses import dataclass, field
 
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
 import torch
 
 from ..attention.foi_modulation import t_from_timestep, xi
@@ -32,7 +35,9 @@ from ..attention.foi_patch import FoIState, install_foi
 from ..attention.instructions import instructions_of
 from ..attention.recorder import step_of_sigma
 from ..masks.foi import disentangled_guidance
-from .common import initial_noise, latent_samples, progress_callback, progress_disabled, schedule
+from ..masks.validate import check_finite, check_number
+from .common import (check_latent, check_sampling, initial_noise, latent_samples, progress_callback,
+                     progress_disabled, schedule)
 
 
 @dataclass
@@ -49,6 +54,21 @@ class FoIConfig:
     mask_level: int = 2  # the "16x16" layers: 1/4 of the latent
     xi_scale: float = 0.05  # Eq. 7
     xi_power: float = 4
+
+    def validate(self):
+        """ValueError naming the node input (as the FoI nodes show it) that is out of range."""
+        check_number(self.s_T, "text_cfg", 0.0)
+        check_number(self.s_I, "image_cfg", 0.0)
+        check_number(self.gamma, "gamma", 0, 10, integer=True)
+        check_number(self.tau, "tau", 0.0, 1.0, hint="threshold on the sharpened map, which lies in [0, 1]")
+        kernel = check_number(self.kernel_size, "blur_kernel", 1, 15, integer=True)
+        if kernel % 2 == 0:
+            raise ValueError(f"'blur_kernel' must be odd (1, 3, 5, ...), so the filter is centred; got {kernel}")
+        check_number(self.sigma, "blur_sigma", 0.0, 5.0)
+        for value in self.alphas:
+            check_number(value, "alpha", 0.0, hint="one strength per sub-instruction, e.g. '1.0, 0.5'")
+        check_number(self.disentangle_fraction, "disentangle_fraction", 0.0, 1.0)
+        return self
 
 
 def parse_alphas(text):
@@ -120,120 +140,105 @@ def ip2p_conds(positive, negative):
     return positive, image_only, neither
 
 
-def _guider_class():
-    import comfy.samplers
+class FoIGuider(comfy.samplers.CFGGuider):
+    """IP2P three-branch guider with FoI masks, modulation and disentangle sampling."""
 
-    class FoIGuider(comfy.samplers.CFGGuider):
-        """IP2P three-branch guider with FoI masks, modulation and disentangle sampling."""
+    def __init__(self, model_patcher, config=None):
+        require_ip2p(model_patcher)
+        self.config = (config or FoIConfig()).validate()
+        self.state = FoIState(mask_level=self.config.mask_level)
+        patched = install_foi(model_patcher.clone(), self.state)
+        super().__init__(patched)
+        self.schedule = None
+        self.evaluations = 0
 
-        def __init__(self, model_patcher, config=None):
-            require_ip2p(model_patcher)
-            self.config = config or FoIConfig()
-            self.state = FoIState(mask_level=self.config.mask_level)
-            patched = install_foi(model_patcher.clone(), self.state)
-            super().__init__(patched)
-            self.schedule = None
-            self.evaluations = 0
+    def set_conds(self, positive, negative):
+        instructions = instructions_of(positive, "positive")
+        alphas = list(self.config.alphas)
+        if len(alphas) == 1:
+            alphas = alphas * len(instructions)
+        if alphas and len(alphas) != len(instructions):
+            raise ValueError(
+                f"alpha has {len(alphas)} values but the instruction has {len(instructions)} "
+                f"sub-instructions ({'; '.join(instructions.keywords)}): give one value per "
+                "sub-instruction, or one value for all.")
+        self.state.instructions = instructions
+        self.state.alphas = alphas or None
+        full, image_only, neither = ip2p_conds(positive, negative)
+        check_latent(self.model_patcher, full[0][1]["concat_latent_image"], "positive",
+                     "source image latent (InstructPixToPixConditioning's VAE)")
+        self.inner_set_conds({"positive": full, "middle": image_only, "negative": neither})
 
-        def set_conds(self, positive, negative):
-            instructions = instructions_of(positive, "positive")
-            alphas = list(self.config.alphas)
-            if len(alphas) == 1:
-                alphas = alphas * len(instructions)
-            if alphas and len(alphas) != len(instructions):
-                raise ValueError(
-                    f"alpha has {len(alphas)} values but the instruction has {len(instructions)} "
-                    f"sub-instructions ({'; '.join(instructions.keywords)}): give one value per "
-                    "sub-instruction, or one value for all.")
-            self.state.instructions = instructions
-            self.state.alphas = alphas or None
-            full, image_only, neither = ip2p_conds(positive, negative)
-            self.inner_set_conds({"positive": full, "middle": image_only, "negative": neither})
+    def set_cfg(self, s_T, s_I=None):
+        self.config.s_T = s_T
+        if s_I is not None:
+            self.config.s_I = s_I
+        self.cfg = s_T
 
-        def set_cfg(self, s_T, s_I=None):
-            self.config.s_T = s_T
-            if s_I is not None:
-                self.config.s_I = s_I
-            self.cfg = s_T
+    @property
+    def masks(self):
+        """[B, K, h, w] keyword masks of the last run (None before sampling)."""
+        return self.state.masks
 
-        @property
-        def masks(self):
-            """[B, K, h, w] keyword masks of the last run (None before sampling)."""
-            return self.state.masks
+    @property
+    def soft_maps(self):
+        return self.state.soft_maps
 
-        @property
-        def soft_maps(self):
-            return self.state.soft_maps
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        self.state.begin(noise.shape[-2:])
+        self.schedule = sigmas.detach().float().cpu()
+        self.evaluations = 0
+        out = super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        return check_finite(out, "FoI's sampled latent")  # once, after sampling
 
-        def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
-            self.state.begin(noise.shape[-2:])
-            self.schedule = sigmas.detach().float().cpu()
-            self.evaluations = 0
-            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+    def _step(self, timestep):
+        if self.schedule is None or self.schedule.numel() < 2:
+            return 0
+        return step_of_sigma(self.schedule, float(timestep.max()))
 
-        def _step(self, timestep):
-            if self.schedule is None or self.schedule.numel() < 2:
-                return 0
-            return step_of_sigma(self.schedule, float(timestep.max()))
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        cfg, state = self.config, self.state
+        conds = [self.conds.get("positive"), self.conds.get("middle"), self.conds.get("negative")]
+        extracting = state.phase == "extract"
+        t = normalised_t(self.inner_model.model_sampling, timestep.max())
+        state.next_call(cfg.modulation, xi(t, cfg.xi_scale, cfg.xi_power))
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        self.evaluations += 1
+        if extracting:
+            state.finish_extraction(cfg.gamma, cfg.tau, cfg.kernel_size, cfg.sigma)
 
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            import comfy.samplers
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        full, image, none = out[0], out[1], out[2]
 
-            cfg, state = self.config, self.state
-            conds = [self.conds.get("positive"), self.conds.get("middle"), self.conds.get("negative")]
-            extracting = state.phase == "extract"
-            t = normalised_t(self.inner_model.model_sampling, timestep.max())
-            state.next_call(cfg.modulation, xi(t, cfg.xi_scale, cfg.xi_power))
-            out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-            self.evaluations += 1
-            if extracting:
-                state.finish_extraction(cfg.gamma, cfg.tau, cfg.kernel_size, cfg.sigma)
+        n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
+        disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
+        union = state.union(x.shape[-2:], x.device) if disentangle else None
+        if "sampler_cfg_function" in model_options:
+            args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
+                    "model": self.inner_model, "model_options": model_options,
+                    "input_cond": conds[0], "input_uncond": conds[1]}
+            text_guided = x - model_options["sampler_cfg_function"](args)
+            # Eq. 9 with the hook's text term: (text_guided - image) replaces s_T (full - image)
+            result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
+        else:
+            result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
 
-            for fn in model_options.get("sampler_pre_cfg_function", []):
-                args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
-                        "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
-                out = fn(args)
-            full, image, none = out[0], out[1], out[2]
-
-            n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
-            disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
-            union = state.union(x.shape[-2:], x.device) if disentangle else None
-            if "sampler_cfg_function" in model_options:
-                args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
-                        "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
-                        "model": self.inner_model, "model_options": model_options,
-                        "input_cond": conds[0], "input_uncond": conds[1]}
-                text_guided = x - model_options["sampler_cfg_function"](args)
-                # Eq. 9 with the hook's text term: (text_guided - image) replaces s_T (full - image)
-                result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
-            else:
-                result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
-
-            for fn in model_options.get("sampler_post_cfg_function", []):
-                args = {"denoised": result, "cond": conds[0], "uncond": conds[1], "cond_scale": cfg.s_T,
-                        "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
-                        "sigma": timestep, "model_options": model_options, "input": x,
-                        "empty_cond": conds[2], "empty_cond_denoised": none}
-                result = fn(args)
-            return result
-
-    return FoIGuider
-
-
-_GUIDER = None
-
-
-def guider_class():
-    """The FoIGuider class (built on first use: comfy.samplers is imported lazily)."""
-    global _GUIDER
-    if _GUIDER is None:
-        _GUIDER = _guider_class()
-    return _GUIDER
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            args = {"denoised": result, "cond": conds[0], "uncond": conds[1], "cond_scale": cfg.s_T,
+                    "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
+                    "sigma": timestep, "model_options": model_options, "input": x,
+                    "empty_cond": conds[2], "empty_cond_denoised": none}
+            result = fn(args)
+        return result
 
 
 def foi_guider(model, positive, negative, config=None):
     """An FoIGuider (a comfy.samplers.CFGGuider) with patches on a clone of `model`."""
-    guider = guider_class()(model, config)
+    guider = FoIGuider(model, config)
     guider.set_conds(positive, negative)
     guider.set_cfg(guider.config.s_T)
     return guider
@@ -241,8 +246,6 @@ def foi_guider(model, positive, negative, config=None):
 
 def source_latent(positive, like):
     """The source image latent from the IP2P conditioning, at the shape of `like` [B, C, H, W]."""
-    import comfy.utils
-
     image = positive[0][1]["concat_latent_image"].to(like.device, like.dtype)
     if image.shape[-2:] != like.shape[-2:]:
         image = comfy.utils.common_upscale(image, like.shape[-1], like.shape[-2], "bilinear", "center")
@@ -260,14 +263,13 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
     InstructPixToPixConditioning stored) noised to `denoise`, as the paper (80 %); "latent input"
     begins from `latent` (InstructPixToPixConditioning's own latent output is all zeros).
     """
-    import comfy.model_management
-    import comfy.samplers
-
     if start not in START_MODES:
-        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+        raise ValueError(f"'start' must be one of {START_MODES}, got {start!r}")
+    check_sampling(steps, denoise=denoise)
     guider = foi_guider(model, positive, negative, config)
     sigmas = schedule(guider.model_patcher, steps, sampler_name, scheduler, denoise)
-    samples = latent_samples(model, latent)
+    samples = check_latent(model, latent_samples(model, latent), "latent_image",
+                           noise_mask=latent.get("noise_mask"))
     init = source_latent(positive, samples) if start == "source image" else samples
     noise = initial_noise({**latent, "samples": samples}, seed)
     sampler = comfy.samplers.sampler_object(sampler_name)

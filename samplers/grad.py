@@ -17,17 +17,29 @@ Gradients cost the activations of the forward pass, as for any backward.
 
 Older ComfyUI (e.g. the mid-2024 `comfyui` wheel) adds residuals in place in its transformer
 blocks (`x += n` on the x its LayerNorm saved), which breaks any backward through the UNet;
-`loss_and_grad` detects that error once and from then on has autograd keep copies of the saved
-activations (`saved_tensors_hooks`), which costs up to one more copy of them. Current ComfyUI
-(`x = n + x`) needs no copies.
+`loss_and_grad` detects that error once per `autograd_through` block and from then on, inside that
+block only, has autograd keep copies of the saved activations (`saved_tensors_hooks`), which costs
+up to one more copy of them. Current ComfyUI (`x = n + x`) needs no copies. Nothing of this
+outlives the block: no process-wide flag, no hook left installed, whatever way the block ends.
 """
 import contextlib
+import contextvars
 
 import torch
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _INPLACE_ERROR = "modified by an inplace operation"
-_copy_saved_activations = False  # set once a host's UNet is found to modify saved activations
+
+
+class _Backward:
+    """State of one `autograd_through` block: whether its UNet modifies saved activations."""
+
+    def __init__(self):
+        self.copy_saved_activations = False
+
+
+# The open block's state (None outside every block); set and reset by autograd_through.
+_block = contextvars.ContextVar("attention_edit_backward", default=None)
 
 
 def _frozen_alias(tensor):
@@ -78,9 +90,11 @@ def autograd_through(*modules):
     """
     with torch.inference_mode(False), torch.enable_grad():
         swapped = _swap_in_aliases(modules)
+        token = _block.set(_Backward())
         try:
             yield
         finally:
+            _block.reset(token)
             _restore(swapped)
 
 
@@ -105,17 +119,18 @@ def loss_and_grad(loss_fn, inputs):
     """(loss, d loss / d inputs) for `loss = loss_fn()`, inside `autograd_through`.
 
     loss_fn runs the forward; it is run again, keeping copies of saved activations, when the
-    host's UNet turns out to modify them in place (see the module docstring).
+    host's UNet turns out to modify them in place (see the module docstring); later calls in the
+    same block keep the copies from the start.
     """
-    global _copy_saved_activations
-    if not _copy_saved_activations:
+    block = _block.get() or _Backward()  # outside a block: decided for this call alone
+    if not block.copy_saved_activations:
         try:
             loss = loss_fn()
             return loss, torch.autograd.grad(loss, inputs)
         except RuntimeError as error:
             if _INPLACE_ERROR not in str(error):
                 raise
-            _copy_saved_activations = True
+            block.copy_saved_activations = True
     with torch.autograd.graph.saved_tensors_hooks(_copy_if_activation, lambda tensor: tensor):
         loss = loss_fn()
     return loss, torch.autograd.grad(loss, inputs)

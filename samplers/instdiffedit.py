@@ -51,7 +51,8 @@ import torch
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import tokens_of
 from ..masks import instdiffedit as idm
-from .common import latent_samples, progress_callback, progress_disabled, schedule
+from ..masks.validate import check_finite, check_number
+from .common import check_latent, check_sampling, latent_samples, progress_callback, progress_disabled, schedule
 
 LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
@@ -95,30 +96,24 @@ def edit_schedule(model, steps, sampler_name, scheduler, strength):
 
 
 def check_strength(strength):
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"'strength' must be in (0, 1] (how far the source is noised; the paper "
-                         f"uses 0.5), got {strength}")
+    check_number(strength, "strength", 0.0, 1.0, low_open=True,
+                 hint="how far the source is noised; the paper uses 0.5")
 
 
 def check_thresholds(theta_hi, theta_lo, phi):
+    for value, name in ((theta_hi, "theta_hi"), (theta_lo, "theta_lo")):
+        check_number(value, name, 0.0, 1.0, hint="a cosine similarity of attention maps")
     if theta_lo > theta_hi:
         raise ValueError(f"'theta_lo' ({theta_lo}) must not exceed 'theta_hi' ({theta_hi}): words "
                          "with similarity >= theta_hi are kept, <= theta_lo subtracted")
-    if not 0.0 <= phi < 1.0:
-        raise ValueError(f"'phi' must be in [0, 1) (the mask threshold on the normalised map), got {phi}")
+    check_number(phi, "phi", 0.0, 1.0, high_open=True, hint="the mask threshold on the normalised map")
 
 
-def check_source(model, samples, input_name="source"):
+def check_source(model, samples, input_name="source", noise_mask=None):
     if samples.dim() != 4:
         raise ValueError(f"the '{input_name}' latent has shape {tuple(samples.shape)}; InstDiffEdit "
                          "needs image latents [batch, channels, height, width] (VAE Encode)")
-    latent_format = getattr(model.model, "latent_format", None)
-    channels = getattr(latent_format, "latent_channels", None)
-    if channels is not None and samples.shape[1] != channels:
-        raise ValueError(
-            f"the '{input_name}' latent has {samples.shape[1]} channels but this model works on "
-            f"{channels}-channel latents: the latent comes from another model family. Encode the "
-            "image with the VAE of the checkpoint that gives the model.")
+    check_latent(model, samples, input_name, noise_mask=noise_mask)
 
 
 def check_grid(grid, latent_hw, input_name="source"):
@@ -205,6 +200,8 @@ class _EditLoop:
         x.copy_(self.blended(model, x, step))
 
     def after_sampling(self, model, samples):
+        # Once, after sampling: NaN maps would have given empty masks at every step.
+        check_finite(self.recorder.mean(), "InstDiffEdit's recorded attention")
         while len(self.masks) < self.steps:
             self.finish_step(samples.device)
         return self.blended(model, samples, self.steps)
@@ -258,14 +255,14 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     import comfy.samplers
 
     if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
-    if copies < 1:
-        raise ValueError(f"'copies' must be at least 1, got {copies}")
+        raise ValueError(f"'background' must be one of {BACKGROUNDS}, got {background!r}")
+    check_sampling(steps, cfg)
+    check_number(copies, "copies", 1, integer=True)
     check_strength(strength)
     check_thresholds(theta_hi, theta_lo, phi)
     groups, eos = word_groups(tokens_of(positive, "positive"))
     source = latent_samples(model, latent)
-    check_source(model, source)
+    check_source(model, source, noise_mask=latent.get("noise_mask"))
     images, latent_hw = source.shape[0], tuple(source.shape[-2:])
 
     patched = model.clone()
@@ -288,6 +285,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
         noise_mask=_expand_noise_mask(latent.get("noise_mask"), images, copies),
         callback=callback or progress_callback(patched, n_steps),
         disable_pbar=progress_disabled(), seed=seed)
+    check_finite(out, "InstDiffEdit's sampled latent")
 
     step_masks = torch.stack(loop.masks)
     return InstDiffEditResult(samples=out[::copies], all_samples=out, mask=step_masks[-1],
@@ -303,10 +301,7 @@ def mask_from_maps(maps, theta_hi=0.9, theta_lo=0.6, phi=0.2, exact=True):
             f"these attention maps were recorded at 1/{2 ** maps.level} of the latent; InstDiffEdit "
             "needs the 1/4 layers (16x16 at 512 px on SD1.x). Set 'resolution' to 1/4 in "
             "KSampler (Record Attention).")
-    if maps.tokens is None:
-        raise ValueError("these attention maps carry no prompt words; encode the prompt with the "
-                         "'Attention Text Encode' node")
-    groups, eos = word_groups(maps.tokens, "attention_maps")
+    groups, eos = word_groups(maps.require_tokens(), "attention_maps")
     if eos >= maps.probs.shape[-1]:
         raise ValueError(f"the maps hold {maps.probs.shape[-1]} tokens, fewer than the prompt's")
     check_grid(tuple(maps.probs.shape[1:3]), maps.latent_hw, "attention_maps")

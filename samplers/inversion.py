@@ -25,6 +25,8 @@ import comfy.utils
 import torch
 import torch.nn.functional as F
 
+from ..masks.validate import check_finite, check_number
+from .common import check_latent, check_sampling
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 
 
@@ -76,7 +78,7 @@ def ddim_schedule(model_sampling, steps):
     """
     train_steps = len(model_sampling.sigmas)
     if not 1 <= steps <= train_steps:
-        raise ValueError(f"steps must be between 1 and {train_steps}, got {steps}.")
+        raise ValueError(f"'steps' must be between 1 and {train_steps} (the model's training steps), got {steps}.")
     timesteps = torch.arange(steps - 1, -1, -1) * (train_steps // steps)
     sigmas = model_sampling.sigma(timesteps.float()).float().cpu()
     return timesteps, torch.cat([sigmas, sigmas[-1:]])
@@ -224,6 +226,10 @@ def invert(model, positive, negative, latent, steps=50, null_text=True, inner_it
     optimised per step for CFG `cfg` sampling. progress(done, total) is called after each step.
     Returns (INVERSION, z_T as LATENT samples: what a KSampler with add_noise off starts from).
     """
+    check_sampling(steps, cfg)
+    check_number(inner_iterations, "inner_iterations", 1, integer=True)
+    check_number(inversion_cfg, "inversion_cfg", 0.0)
+    check_latent(model, latent, "latent")
     if null_text and math.isclose(cfg, 1.0):
         raise ValueError("Null-text optimisation needs cfg != 1: at cfg 1 the unconditional branch "
                          "has no effect. Set cfg (official 7.5) or turn null_text off.")
@@ -241,6 +247,8 @@ def invert(model, positive, negative, latent, steps=50, null_text=True, inner_it
             nulls = _null_text_optimisation(run, trajectory, cfg, inner_iterations,
                                             lambda done: report(steps + done, total))
             found["null_embeddings"] = [tuple(e.to(store) for e in step) for step in nulls]
+        # Once, after the loops: a NaN anywhere spreads to the whole trajectory.
+        check_finite(trajectory, "the inversion trajectory")
         found["trajectory"] = trajectory.to(store)
         found["fingerprint"] = model_fingerprint(model)
         return trajectory[0]
@@ -324,6 +332,8 @@ def _null_text_step(run, x, target, i, sigma_pair, embeddings, cfg, inner_iterat
         if loss.item() < 1e-5 + i * 2e-5:
             break
     embeddings = [p.detach() for p in params]
+    for embedding in embeddings:  # the loop syncs on the loss every iteration anyway
+        check_finite(embedding, f"the null-text embedding of step {i}")
     with torch.no_grad():
         return embeddings, step(embeddings, cond_denoised)
 

@@ -50,6 +50,8 @@ from ..attention.injection import InjectionController, StopForward, align_prompt
 from ..attention.layers import select_layers
 from ..attention.tokens import PromptWordError, split_words, tokens_of
 from ..masks.magedit_losses import LOSS_KINDS, combined_loss
+from ..masks.validate import check_finite, check_number, mask_inside
+from .common import check_latent, check_sampling
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 from .inversion import (check_inversion, cross_attn_embeddings, ddim_step, guided_denoised, predicted_noise,
                         run_sampling_loop, with_cross_attn)
@@ -77,20 +79,16 @@ class MagEditConfig:
     preview: bool = True  # keep the edit words' attention before / after optimisation
 
     def validate(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        """ValueError naming the MAG-Edit node input that is out of range."""
+        check_sampling(self.steps, self.cfg)
         for name in ("optimized_steps", "blend_steps"):
-            value = getattr(self, name)
-            if not 0 <= value <= self.steps:
-                raise ValueError(f"{name} must be between 0 and steps ({self.steps}), got {value}")
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
-        for name in ("cross_fraction", "self_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+            check_number(getattr(self, name), name, 0, self.steps, integer=True, hint="at most 'steps'")
+        check_number(self.iterations, "iterations", 0, integer=True)
+        check_number(self.scale, "scale", 0.0, 100.0, hint="the loss weight; official 2.5")
+        check_number(self.cross_fraction, "cross_injection", 0.0, 1.0, hint="a fraction of the steps")
+        check_number(self.self_fraction, "self_injection", 0.0, 1.0, hint="a fraction of the steps")
         if self.loss not in LOSS_KINDS:
-            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+            raise ValueError(f"'loss' must be one of {LOSS_KINDS}, got {self.loss!r}")
 
     @property
     def cross_steps(self):
@@ -135,7 +133,8 @@ def prepare_mask(mask, latent_hw, grid_hw):
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3:
-        raise ValueError(f"MASK must be [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
+        raise ValueError(f"the 'mask' input must be a MASK [H, W] or [B, H, W], got shape "
+                         f"{tuple(mask.shape)}")
     h, w = latent_hw
     mh, mw = mask.shape[-2:]
     # One latent pixel of slack: an image whose size is not a multiple of 8 encodes to floor(size / 8).
@@ -143,7 +142,7 @@ def prepare_mask(mask, latent_hw, grid_hw):
         raise ValueError(
             f"the mask is {mw}x{mh} but the latent is {w}x{h} ({8 * w}x{8 * h} px): their aspect ratios "
             "differ. Use a mask of the source image (same width and height) or of the latent.")
-    inside = mask.float().cpu() != 0
+    inside = mask_inside(mask.float().cpu(), "mask")
     empty = [i for i in range(inside.shape[0]) if not inside[i].any()]
     if empty:
         raise ValueError(f"the mask is empty (all zero) for image(s) {empty}: paint or compute the region to edit")
@@ -256,6 +255,7 @@ def plan_edit(model, inversion, source, target, negative, mask, edit_words, conf
             "target as the source with the edit applied (e.g. 'a cat on a sofa' -> 'a cat on a red sofa').")
     loss_layers = select_layers(model, LOSS_LEVEL, LOSS_PARTS)
     trajectory = inversion.trajectory
+    check_latent(model, inversion.noise, "inversion", "noise")
     batch, latent_shape = trajectory.shape[1], tuple(trajectory.shape[1:])
     latent_hw = tuple(trajectory.shape[-2:])
     latent_mask, grid_mask = prepare_mask(mask, latent_hw, loss_layers[0].grid(*latent_hw))
@@ -475,6 +475,10 @@ def mag_edit(model, inversion, source, target, negative, mask, edit_words, confi
 
     def fn(editor):
         x_rec, x_edit, losses = editor.sample()
+        # Once, after sampling (NaN latents would also break the preview).
+        check_finite(torch.cat([x_rec, x_edit]), "MAG-Edit's sampled latents")
+        if editor.before or editor.after:
+            check_finite(torch.stack(editor.before + editor.after), "MAG-Edit's edit-word attention")
         found["losses"] = losses.detach().cpu()
         found["before"] = torch.stack(editor.before).mean(0).cpu() if editor.before else None
         found["after"] = torch.stack(editor.after).mean(0).cpu() if editor.after else None

@@ -190,7 +190,7 @@ def test_union_mask_eq8():
 def test_token_region_mask_matches_loop(outside):
     km = (torch.rand(2, 2, 2, 3, generator=gen(6)) > 0.5).float()
     km[0, 0] = 0  # an empty keyword mask
-    spans = [(1, 3), [4, 6]]
+    spans = [(1, 2), [4, 6]]  # explicit positions, as attention/instructions.py gives them
     N, H, W = 8, 4, 6
     M = foi.token_region_mask(km, spans, N, (H, W), outside=outside)
     assert M.shape == (2, H * W, N)
@@ -211,7 +211,7 @@ def test_token_region_mask_matches_loop(outside):
 def test_token_region_mask_rejects_bad_spans():
     km = torch.ones(1, 2, 2, 2)
     with pytest.raises(ValueError):
-        foi.token_region_mask(km, [(0, 2)], 4, (2, 2))
+        foi.token_region_mask(km, [(0, 1)], 4, (2, 2))
     with pytest.raises(ValueError):
         foi.token_region_mask(km, [(0, 2), [9]], 4, (2, 2))
 
@@ -292,7 +292,7 @@ def test_mask_zeros_gives_null_branch_probs():
 
 def test_alpha_applies_only_to_its_subinstruction_tokens():
     N = 9
-    spans = [(1, 4), [5, 6]]
+    spans = [(1, 2, 3), [5, 6]]
     alpha = mod.token_alpha([1.0, 3.0], spans, N)
     want = [1.0] * N
     for n in (5, 6):
@@ -322,7 +322,7 @@ def test_single_instruction_outside_region_uses_null_probs():
     km = torch.zeros(1, 1, 2, 2)
     km[0, 0, 0, 0] = 1
     N, heads, d = 6, 2, 3
-    M = foi.token_region_mask(km, [(1, 4)], N, (2, 2))  # BOS 0, words 1-3, EOS/pad 4-5
+    M = foi.token_region_mask(km, [(1, 2, 3)], N, (2, 2))  # BOS 0, words 1-3, EOS/pad 4-5
     q_i, k_i, _, q_n, k_n = rand_qkv(1, 4, N, heads, d, seed=14)
     probs = mod.modulated_attention_probs(q_i, k_i, q_n, k_n, M, None, 0.0, heads)
     qi = q_i.reshape(1, 4, heads, d).transpose(1, 2)
