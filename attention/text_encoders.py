@@ -17,6 +17,7 @@ from .tokens import CHUNK, PromptLengthError, PromptTokens, Word, _short, prompt
 
 CLIP_PARTS = {"clip_l", "clip_g", "clip_h"}  # attention/tokens.py's CLIP path reads these
 _EMBEDDING = "embedding:"
+_WORD_START = "\u2581"  # SentencePiece's '▁' (T5)
 IM_START, IMAGE_PAD = 151644, 151655  # Qwen2.5-VL's <|im_start|> and <|image_pad|>
 QWEN_USER, QWEN_NEWLINE = 872, 198  # "user", "\n": the template tokens ComfyUI strips after <|im_start|>
 
@@ -107,6 +108,7 @@ def _map_pieces(sd_tokenizer, pieces, words, encoder):
     strip_end = getattr(sd_tokenizer, "tokenizer_adds_end_token", True)
     ids, owners = [], []
     for piece in pieces:
+        first = len(ids)
         encoded = hf(piece.text, return_offsets_mapping=True)
         stop = len(encoded["input_ids"]) - 1 if strip_end else None
         spans = [(m.start() + piece.words_from, m.end() + piece.words_from, len(words) + i)
@@ -124,6 +126,11 @@ def _map_pieces(sd_tokenizer, pieces, words, encoder):
                     "(the encoder split the words differently); please report this prompt.")
             ids.append(int(token))
             owners.append(hits[0] if hits else None)
+        # SentencePiece's word-start marker '▁' standing alone belongs to the word it starts (its
+        # offsets cover that word's first character or the space before it, by tokenizers version)
+        for i in range(len(ids) - 2, first - 1, -1):
+            if owners[i] is None and hf.convert_ids_to_tokens(ids[i]) == _WORD_START:
+                owners[i] = owners[i + 1]
     return ids, owners
 
 
@@ -157,14 +164,6 @@ def _words(names, owners, positions):
         if owner is not None:
             spots.setdefault(owner, []).append(position)
     return [Word(text, tuple(spots[i]), weight) for i, (text, weight) in enumerate(names) if i in spots]
-
-
-def _token_string(hf, token):
-    if isinstance(token, dict):
-        return f"<{token.get('type', 'embedding')}>"
-    if not isinstance(token, int):
-        return "<embedding>"
-    return hf.convert_ids_to_tokens(token)
 
 
 def _plain_id(entry):
@@ -201,7 +200,7 @@ def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
                 end_positions.append(position)
                 ended = True
             else:
-                strings.append(_token_string(hf, token))
+                strings.append(hf.convert_ids_to_tokens(token))
                 content.append(token)
                 content_positions.append(position)
             position += 1
@@ -349,7 +348,7 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
         else:
             if token == im_end and not ends:
                 ends.append(len(strings))
-            strings.append(_token_string(hf, token))
+            strings.append(hf.convert_ids_to_tokens(token))
     words = _words(names, owners[cut:], positions)
     return EncoderPromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts) + (("Qwen2.5-VL", 0, len(strings)),))
