@@ -13,7 +13,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .tokens import CHUNK, PromptLengthError, PromptTokens, Word, _short, prompt_tokens
+from .tokens import CHUNK, PromptLengthError, PromptTokens, Word, _short, normalise_word, prompt_tokens
 
 CLIP_PARTS = {"clip_l", "clip_g", "clip_h"}  # attention/tokens.py's CLIP path reads these
 _EMBEDDING = "embedding:"
@@ -157,13 +157,18 @@ def _weighted_pieces(text):
     return pieces
 
 
-def _words(names, owners, positions):
-    """Word objects from the mapping: each word's positions, in order."""
+def _spots(owners, positions):
+    """word index -> its token positions, in order."""
     spots = {}
     for owner, position in zip(owners, positions):
         if owner is not None:
             spots.setdefault(owner, []).append(position)
-    return [Word(text, tuple(spots[i]), weight) for i, (text, weight) in enumerate(names) if i in spots]
+    return spots
+
+
+def _words(names, spots):
+    """The prompt's words that have tokens, in order."""
+    return [Word(text, tuple(spots[i]), weight) for i, (text, weight) in enumerate(names) if spots.get(i)]
 
 
 def _plain_id(entry):
@@ -176,7 +181,7 @@ def _plain_id(entry):
 # ---------------------------------------------------------------- T5 (Flux, Kontext, Chroma, SD3's T5 part)
 
 def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
-    """(token strings, words, end positions) of a T5 part: no start token, '</s>' after the
+    """(token strings, word names, word index -> positions, end positions) of a T5 part: no start token, '</s>' after the
     prompt, then '<pad>' tokens up to ComfyUI's minimum length (Flux 256, SD3 77) that are
     real keys of the attention. No 77-token chunks."""
     names = []
@@ -205,12 +210,12 @@ def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
                 content_positions.append(position)
             position += 1
     _check_ids(ids, content, owners, names, text, encoder)
-    return strings, _words(names, owners, content_positions), end_positions
+    return strings, names, _spots(owners, content_positions), end_positions
 
 
 def _t5_prompt(clip, text, encoder, key, sd_tokenizer):
-    strings, words, ends = _t5_tokens(clip, text, key, sd_tokenizer, encoder)
-    return EncoderPromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(ends),
+    strings, names, spots, ends = _t5_tokens(clip, text, key, sd_tokenizer, encoder)
+    return EncoderPromptTokens(text=text, token_strings=strings, words=_words(names, spots), end_positions=tuple(ends),
                                encoder=encoder, parts=(("T5-XXL", 0, len(strings)),))
 
 
@@ -263,30 +268,29 @@ def _sd3(clip, text, encoder):
     words = clip_words
     if has_t5:
         offset = len(strings)
-        t5_strings, t5_words, t5_ends = _t5_tokens(clip, text, "t5xxl", clip.tokenizer.t5xxl, encoder, offset)
+        t5_strings, names, spots, t5_ends = _t5_tokens(clip, text, "t5xxl", clip.tokenizer.t5xxl, encoder, offset)
         strings += t5_strings
         ends += t5_ends
         parts.append(("T5-XXL", offset, len(strings)))
-        words = t5_words if clip_words is None else _join_parts(clip_words, t5_words, text, encoder)
+        words = _words(names, spots if clip_words is None else _join_parts(names, spots, clip_words, text, encoder))
     if not parts:  # ComfyUI encodes zeros: no word is attended to
         strings, words = ["<pad>"] * CHUNK, []
     return EncoderPromptTokens(text=text, token_strings=strings, words=words or [], end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts), clip_chunks=clip_length // CHUNK)
 
 
-def _join_parts(clip_words, t5_words, text, encoder):
-    """The same words in the CLIP part and in the T5 part: one Word with both parts' positions.
-    A word one tokenizer drops (e.g. control characters CLIP cleans away) keeps the other's."""
-    joined, i = [], 0
-    for word in t5_words:
-        if i < len(clip_words) and clip_words[i].text == word.text:
-            joined.append(Word(word.text, clip_words[i].positions + word.positions, word.weight))
-            i += 1
-        else:
-            joined.append(word)
-    if i != len(clip_words):
+def _join_parts(names, spots, clip_words, text, encoder):
+    """The same words in the CLIP part and in the T5 part: each word's CLIP positions, then its T5
+    positions. A word one tokenizer drops (a control character CLIP keeps and T5 removes, say)
+    keeps the other's; which words a tokenizer drops depends on their text only."""
+    joined, k = {i: list(p) for i, p in spots.items()}, 0
+    for i, (name, _) in enumerate(names):
+        if k < len(clip_words) and normalise_word(clip_words[k].text) == normalise_word(name):
+            joined[i] = list(clip_words[k].positions) + joined.get(i, [])
+            k += 1
+    if k != len(clip_words):
         raise TokenAlignmentError(
-            f"{encoder}: could not match the word {clip_words[i].text!r} of \"{_short(text)}\" between the "
+            f"{encoder}: could not match the word {clip_words[k].text!r} of \"{_short(text)}\" between the "
             "CLIP part and the T5 part (the encoders split the prompt differently). Please report this prompt.")
     return joined
 
@@ -349,7 +353,7 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
             if token == im_end and not ends:
                 ends.append(len(strings))
             strings.append(hf.convert_ids_to_tokens(token))
-    words = _words(names, owners[cut:], positions)
+    words = _words(names, _spots(owners[cut:], positions))
     return EncoderPromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts) + (("Qwen2.5-VL", 0, len(strings)),))
 

@@ -230,3 +230,23 @@ def test_a_word_split_differently_is_a_clear_error(comfy_host):
         text_encoders._check_ids(ids, comfy_ids, owners, names, "a red hat", "Flux")
     with pytest.raises(text_encoders.TokenAlignmentError, match="does not fit in one word"):
         text_encoders._map_pieces(sd_tokenizer, [text_encoders._Piece("shiba", words_to=2)], [], "Flux")
+
+
+def test_a_word_only_one_sd3_encoder_keeps(comfy_host):
+    """CLIP and T5 each drop some invisible characters (which ones depends on the tokenizer
+    versions): on SD3 such a word has the other part's positions only, and the words after it
+    stay matched."""
+    dit_text.require_dit_clip("sd3")
+    clip = clip_of("sd3")
+    text = "a \u200b cat \xad dog"
+    pt = tokens.prompt_tokens(clip, text)
+    clip_stop = pt.part("CLIP-L/G")[1]
+    axis = conditioning_axis_ids(clip, "sd3", text)
+    one_part = 0
+    for word in pt.words:
+        in_clip = [axis[p] for p in word.positions if p < clip_stop]
+        in_t5 = [axis[p] for p in word.positions if p >= clip_stop]
+        assert in_clip == clip.tokenizer.clip_l.tokenizer(word.text)["input_ids"][1:-1]
+        assert in_t5 == clip.tokenizer.t5xxl.tokenizer(word.text)["input_ids"][:-1]
+        one_part += not (in_clip and in_t5)
+    assert one_part >= 1 and {"a", "cat", "dog"} <= set(pt.word_list())
