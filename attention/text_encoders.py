@@ -181,9 +181,9 @@ def _plain_id(entry):
 # ---------------------------------------------------------------- T5 (Flux, Kontext, Chroma, SD3's T5 part)
 
 def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
-    """(token strings, word names, word index -> positions, end positions) of a T5 part: no start token, '</s>' after the
-    prompt, then '<pad>' tokens up to ComfyUI's minimum length (Flux 256, SD3 77) that are
-    real keys of the attention. No 77-token chunks."""
+    """(token strings, word names, word index -> positions, end positions) of a T5 part: no start
+    token, '</s>' after the prompt, then '<pad>' tokens up to ComfyUI's minimum length (Flux 256,
+    SD3 77) that are real keys of the attention. No 77-token chunks."""
     names = []
     ids, owners = _map_pieces(sd_tokenizer, _weighted_pieces(text), names, encoder)
     end_id = sd_tokenizer.end_token
@@ -215,8 +215,8 @@ def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
 
 def _t5_prompt(clip, text, encoder, key, sd_tokenizer):
     strings, names, spots, ends = _t5_tokens(clip, text, key, sd_tokenizer, encoder)
-    return EncoderPromptTokens(text=text, token_strings=strings, words=_words(names, spots), end_positions=tuple(ends),
-                               encoder=encoder, parts=(("T5-XXL", 0, len(strings)),))
+    return EncoderPromptTokens(text=text, token_strings=strings, words=_words(names, spots),
+                               end_positions=tuple(ends), encoder=encoder, parts=(("T5-XXL", 0, len(strings)),))
 
 
 def _flux(clip, text, encoder):
@@ -262,7 +262,8 @@ def _sd3(clip, text, encoder):
     strings, ends, parts, clip_words, clip_length = [], [], [], None, 0
     if has_clip:
         clip_tokens = prompt_tokens(_ClipPart(clip), text)
-        strings, ends, clip_words = list(clip_tokens.token_strings), list(clip_tokens.end_positions), clip_tokens.words
+        strings, ends = list(clip_tokens.token_strings), list(clip_tokens.end_positions)
+        clip_words = clip_tokens.words
         clip_length = len(strings)
         parts.append(("CLIP-L/G", 0, clip_length))
     words = clip_words
@@ -272,9 +273,9 @@ def _sd3(clip, text, encoder):
         strings += t5_strings
         ends += t5_ends
         parts.append(("T5-XXL", offset, len(strings)))
-        words = _words(names, spots if clip_words is None else _join_parts(names, spots, clip_words, text, encoder))
-    if not parts:  # ComfyUI encodes zeros: no word is attended to
-        strings, words = ["<pad>"] * CHUNK, []
+        if clip_words is not None:
+            spots = _join_parts(names, spots, clip_words, text, encoder)
+        words = _words(names, spots)
     return EncoderPromptTokens(text=text, token_strings=strings, words=words or [], end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts), clip_chunks=clip_length // CHUNK)
 
@@ -335,7 +336,8 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
     names = []
     ids, owners = _map_pieces(sd_tokenizer, _comfy_pieces(full, 1.0, len(prefix), len(prefix) + len(body)),
                               names, encoder)
-    comfy_tokens = [_plain_id(entry) for chunk in clip.tokenize(text, images=images)["qwen25_7b"] for entry in chunk]
+    tokenized = clip.tokenize(text, images=images)["qwen25_7b"]
+    comfy_tokens = [_plain_id(entry) for chunk in tokenized for entry in chunk]
     comfy_ids = [IMAGE_PAD if isinstance(t, dict) else t for t in comfy_tokens]
     _check_ids(ids, comfy_ids, owners, names, text, encoder)
 

@@ -26,8 +26,8 @@ import torch
 from . import host
 
 TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
-TINY_CLIP_L = {key: value for key, value in host.TINY_CLIP.items()}
-TINY_CLIP_G = {key: value for key, value in host.TINY_CLIP_G.items()}
+TINY_CLIP_L = dict(host.TINY_CLIP)
+TINY_CLIP_G = dict(host.TINY_CLIP_G)
 TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "num_key_value_heads": 1}
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
@@ -147,7 +147,8 @@ def _fork_sd3_target(sd3_clip):
             self.clip_l = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
                                                layer_norm_hidden_state=False, return_projected_pooled=False,
                                                textmodel_json_config=dict(TINY_CLIP_L))
-            self.clip_g = comfy.sdxl_clip.SDXLClipG(device=device, dtype=dtype, textmodel_json_config=dict(TINY_CLIP_G))
+            self.clip_g = comfy.sdxl_clip.SDXLClipG(device=device, dtype=dtype,
+                                                    textmodel_json_config=dict(TINY_CLIP_G))
             self.t5xxl = sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_config,
                                               special_tokens={"end": 1, "pad": 0}, model_class=comfy.t5.T5)
             self.dtypes = {dtype}
