@@ -174,6 +174,11 @@ def _token_string(hf_tokenizer, token):
 
 def prompt_tokens(clip, text):
     """Tokenise `text` with the CLIP's tokenizer and map each word to its token positions."""
+    from .text_encoders import dit_prompt_tokens  # T5 / SD3 / Qwen2.5-VL (imported late: it builds on this module)
+
+    dit = dit_prompt_tokens(clip, text)
+    if dit is not None:
+        return dit
     key, sd_tokenizer = _primary_tokenizer(clip)
     chunks = clip.tokenize(text)[key]
     start_id = getattr(sd_tokenizer, "start_token", None)

@@ -1,0 +1,199 @@
+"""Tiny random-weight text encoders of the DiT families, built from ComfyUI's own classes with the
+real tokenizers ComfyUI ships (T5, CLIP, Qwen2.5-VL).
+
+    clip = build_dit_clip("flux")        # also "sd3", "chroma", "qwen_image"
+    require_dit_clip("flux")             # in a test: skip (with the reason) on a host without it
+
+Each is a `comfy.sd.CLIP` around the family's own ClipTarget (the tokenizer and text-encoder
+classes `comfy.supported_models.<Family>.clip_target` returns); only the widths are tiny, set
+through ComfyUI's `model_options["<name>_model_config"]`. Conditioning shapes (token axis = the
+real one; channels tiny):
+  flux        T5 context [1, max(256, n), 32], pooled CLIP-L [1, 32]
+  chroma      T5 context [1, n, 32] (no padding), no pooled
+  sd3         [1, 77 * chunks + max(77, n), 4096] (CLIP-L 32 + CLIP-G 48 channels zero-padded to
+              T5's 4096, then T5 along the sequence), pooled [1, 80]
+  qwen_image  Qwen2.5-VL [1, n, 32] (template prefix stripped by ComfyUI); a tiny vision tower
+              (2 blocks, width 32) so Qwen-Image-Edit's reference image encodes on CPU
+The PyPI host (comfyui==0.0.1) has SD3's encoders only (comfy.sd3_clip, no `model_options`): "sd3"
+is built there from its classes with tiny parts; the other families skip there with the reason.
+"""
+import functools
+import importlib
+import inspect
+
+import torch
+
+from . import host
+
+TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+TINY_CLIP_L = dict(host.TINY_CLIP)
+TINY_CLIP_G = dict(host.TINY_CLIP_G)
+TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
+
+FAMILIES = ("flux", "sd3", "chroma", "qwen_image")
+_MODULES = {"flux": "comfy.text_encoders.flux", "sd3": "comfy.text_encoders.sd3_clip",
+            "chroma": "comfy.text_encoders.pixart_t5", "qwen_image": "comfy.text_encoders.qwen_image",
+            "stable_audio": "comfy.text_encoders.sa_t5"}  # stable_audio: build_unsupported_clip
+
+
+def _fork_sd3():
+    """The PyPI fork keeps SD3's encoders in comfy.sd3_clip (no model_options): None elsewhere."""
+    try:
+        import comfy.sd
+        import comfy.sd3_clip
+    except ImportError:
+        return None
+    return None if "model_options" in inspect.signature(comfy.sd.CLIP).parameters else comfy.sd3_clip
+
+
+def skip_reason(family):
+    """Why this host cannot build the family's text encoder (None when it can)."""
+    host.import_host()
+    import comfy.sd
+
+    if family == "sd3" and _fork_sd3() is not None:
+        return None
+    try:
+        importlib.import_module(_MODULES[family])
+    except ImportError:
+        return (f"this ComfyUI has no {_MODULES[family]} (upstream ComfyUI's {family} text encoder, built "
+                "tiny through model_options); it needs upstream ComfyUI")
+    if "model_options" not in inspect.signature(comfy.sd.CLIP).parameters:
+        return "this ComfyUI's CLIP takes no model_options (tiny text-encoder configs); needs upstream ComfyUI"
+    return None
+
+
+def require_dit_clip(family):
+    """Skip the calling test, with the reason, where the host lacks the family's text encoder."""
+    import pytest
+
+    reason = skip_reason(family)
+    if reason:
+        pytest.skip(reason)
+
+
+def _clip_target(family):
+    """The family's ClipTarget as comfy.supported_models builds it (its tokenizer, its encoder)."""
+    import comfy.supported_models as sm
+    import comfy.supported_models_base
+
+    if family == "qwen_image":
+        from comfy.text_encoders import qwen_image
+
+        return comfy.supported_models_base.ClipTarget(qwen_image.QwenImageTokenizer,
+                                                      _tiny_vision_qwen_te(qwen_image.te()))
+    config = {"flux": sm.Flux, "sd3": sm.SD3, "chroma": sm.Chroma}[family]
+    unet = {"flux": {"image_model": "flux"}, "sd3": {"in_channels": 16, "pos_embed_scaling_factor": None},
+            "chroma": {"image_model": "chroma"}}[family]
+    model_config = config(unet)
+    # clip_target picks the encoders a checkpoint holds by its keys: name all of them (SD3: all three)
+    prefix = model_config.text_encoder_key_prefix[0]
+    present = {f"{prefix}{name}.transformer.{key}.final_layer_norm.weight": torch.zeros(1)
+               for name, key in (("clip_l", "text_model"), ("clip_g", "text_model"), ("t5xxl", "encoder"))}
+    return model_config.clip_target(present)
+
+
+def _tiny_vision_qwen_te(te_class):
+    """Qwen-Image's text encoder with a tiny vision tower (ComfyUI builds the full 32-block one)."""
+    from comfy import sd1_clip
+    from comfy.text_encoders import llama, qwen_image, qwen_vl
+
+    class TinyVisionQwen25VLI(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.visual = qwen_vl.Qwen2VLVisionTransformer(output_hidden_size=config.hidden_size, device=device,
+                                                           dtype=dtype, ops=operations, **TINY_QWEN_VISION)
+            self.dtype = dtype
+
+    class TinyVisionQwen25Model(qwen_image.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                     model_options={}):  # noqa: B006 - ComfyUI's signature
+            sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=TinyVisionQwen25VLI,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                model_options=model_options)
+
+    class TinyQwenImageTE(te_class):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+            super().__init__(device=device, dtype=dtype,
+                             model_options={**model_options, "qwen25_7b_class": TinyVisionQwen25Model})
+
+    return TinyQwenImageTE
+
+
+def _fork_sd3_target(sd3_clip):
+    """The PyPI fork's SD3Tokenizer and SD3ClipModel with tiny parts (its CLIP takes no
+    model_options): SD3ClipModel's structure, each part built from the fork's own classes."""
+    import json
+    import pathlib
+
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    import comfy.t5
+    from comfy import sd1_clip
+
+    t5_config = json.loads((pathlib.Path(sd3_clip.__file__).parent / "t5_config_xxl.json").read_text())
+    t5_config.update(TINY_T5, d_model=4096)
+
+    class TinySD3Clip(sd3_clip.SD3ClipModel):
+        def __init__(self, device="cpu", dtype=None, **_):
+            torch.nn.Module.__init__(self)
+            self.clip_l = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                               layer_norm_hidden_state=False, return_projected_pooled=False,
+                                               textmodel_json_config=dict(TINY_CLIP_L))
+            self.clip_g = comfy.sdxl_clip.SDXLClipG(device=device, dtype=dtype,
+                                                    textmodel_json_config=dict(TINY_CLIP_G))
+            self.t5xxl = sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_config,
+                                              special_tokens={"end": 1, "pad": 0}, model_class=comfy.t5.T5)
+            self.dtypes = {dtype}
+
+    return comfy.supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, TinySD3Clip)
+
+
+def _model_options(family):
+    width = {"sd3": {**TINY_T5, "d_model": 4096}}.get(family, TINY_T5)  # SD3 joins CLIP and T5 at 4096
+    return {"t5xxl_model_config": width, "clip_l_model_config": dict(TINY_CLIP_L),
+            "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN)}
+
+
+@functools.lru_cache(maxsize=None)
+def build_dit_clip(family, seed=0):
+    """A comfy.sd.CLIP of the family ("flux", "sd3", "chroma", "qwen_image") with ComfyUI's real
+    tokenizer and tiny random-weight encoders (cached: do not mutate it). Flux Kontext uses
+    Flux's text encoder, Qwen-Image-Edit Qwen-Image's."""
+    if family not in FAMILIES:
+        raise ValueError(f"build_dit_clip: family must be one of {FAMILIES}, got {family!r}")
+    reason = skip_reason(family)
+    if reason:
+        raise RuntimeError(reason)
+    import comfy.sd
+
+    with torch.no_grad():  # ComfyUI builds text encoders outside autograd
+        if family == "sd3" and _fork_sd3() is not None:
+            clip = comfy.sd.CLIP(_fork_sd3_target(_fork_sd3()))
+        else:
+            clip = comfy.sd.CLIP(_clip_target(family), model_options=_model_options(family))
+    host._init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_unsupported_clip(seed=0):
+    """A CLIP whose encoder the pack does not map words for: Stable Audio's T5-base (tiny), from
+    comfy.supported_models.StableAudio's own ClipTarget."""
+    reason = skip_reason("stable_audio")
+    if reason:
+        raise RuntimeError(reason)
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    target = sm.StableAudio({"audio_model": "dit1.0"}).clip_target({})
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(target, model_options={"t5base_model_config": dict(TINY_T5)})
+    host._init_weights(clip.cond_stage_model, seed)
+    return clip
