@@ -1,16 +1,27 @@
-"""KSampler that records cross-attention maps on the side."""
+"""KSampler that records cross-attention maps on the side (UNet cross-attention, DiT joint attention)."""
+from ..attention.dit_families import family_of
+from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import annotation_of
 from .common import ksample, schedule
 
 
+def make_recorder(model, branch, n_tokens, level=2, parts=("input", "output"), dit_blocks="",
+                  normalise="joint"):
+    """The recorder for this model: UNet layers by resolution level, DiT models by block."""
+    if family_of(model) is not None:
+        return DiTRecorder(branch=branch, n_tokens=n_tokens, blocks=dit_blocks, normalise=normalise)
+    return AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=n_tokens)
+
+
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                     denoise=1.0, level=2, parts=("input", "output"), branch="cond"):
+                     denoise=1.0, level=2, parts=("input", "output"), branch="cond", dit_blocks="",
+                     normalise="joint"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     prompt = positive if branch == "cond" else negative
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
-    recorder = AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=prompt[0][0].shape[1])
+    recorder = make_recorder(patched, branch, prompt[0][0].shape[1], level, parts, dit_blocks, normalise)
     recorder.install(patched, latent["samples"].shape[-2:], sigmas)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
