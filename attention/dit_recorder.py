@@ -20,7 +20,7 @@ from .dit_kernel import (bind_attention_args, fused_attention, fused_available, 
 from .layers import level_grid
 from .recorder import AttentionRecorder
 
-NORMALISATIONS = ("joint", "text")
+NORMALISATIONS = ("text", "joint")
 WRAPPER_KEY = "attention_edit_record"
 
 
@@ -114,11 +114,12 @@ class DiTRecorder(AttentionRecorder):
     """Running mean of the generated image's attention on the prompt's tokens in chosen DiT blocks.
 
     blocks: dit_families.parse_blocks spec ('' = the family default).
-    normalise: "joint" records the model's own row (softmax over all keys, text mass < 1);
-    "text" renormalises over the text keys only (each pixel's row sums to 1, like UNet maps).
+    normalise: "text" (default) renormalises over the text keys only (each pixel's row sums to 1,
+    like UNet maps; sharper word masks, docs/recording.md); "joint" records the model's own row
+    (softmax over all keys, text mass < 1).
     """
 
-    def __init__(self, branch="cond", steps=None, n_tokens=None, blocks="", normalise="joint"):
+    def __init__(self, branch="cond", steps=None, n_tokens=None, blocks="", normalise="text"):
         super().__init__(level=1, parts=(), branch=branch, steps=steps, n_tokens=n_tokens)
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")

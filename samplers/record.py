@@ -1,5 +1,5 @@
 """KSampler that records cross-attention maps on the side (UNet cross-attention, DiT joint attention)."""
-from ..attention.dit_families import family_of
+from ..attention.dit_families import family_of, require_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import annotation_of
@@ -7,16 +7,18 @@ from .common import ksample, schedule
 
 
 def make_recorder(model, branch, n_tokens, level=2, parts=("input", "output"), dit_blocks="",
-                  normalise="joint"):
+                  normalise="text"):
     """The recorder for this model: UNet layers by resolution level, DiT models by block."""
     if family_of(model) is not None:
         return DiTRecorder(branch=branch, n_tokens=n_tokens, blocks=dit_blocks, normalise=normalise)
+    if not hasattr(model.model.diffusion_model, "input_blocks"):
+        require_family(model)  # neither a UNet nor a supported DiT: the error names what is supported
     return AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=n_tokens)
 
 
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                      denoise=1.0, level=2, parts=("input", "output"), branch="cond", dit_blocks="",
-                     normalise="joint"):
+                     normalise="text"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     prompt = positive if branch == "cond" else negative
     patched = model.clone()

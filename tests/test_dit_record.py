@@ -130,9 +130,10 @@ def pytorch_attention(monkeypatch):
     monkeypatch.setattr(qwen_model, "optimized_attention_masked", attention.attention_pytorch)
 
 
+@pytest.mark.parametrize("normalise", ["text", "joint"])
 @pytest.mark.parametrize("kernel_name", ["comfy default (sub-quadratic)", "pytorch"])
 @pytest.mark.parametrize("family", dit_host.FAMILIES)
-def test_output_bit_identical_to_plain_sampling(family, kernel_name, monkeypatch):
+def test_output_bit_identical_to_plain_sampling(family, kernel_name, normalise, monkeypatch):
     if kernel_name == "pytorch":
         pytorch_attention(monkeypatch)
     recorder_mod = pack_module("attention.dit_recorder")
@@ -146,10 +147,10 @@ def test_output_bit_identical_to_plain_sampling(family, kernel_name, monkeypatch
     model = dit_host.model(family)
     positive, negative = dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2)
     latent = dit_host.latent(family, 2, 5, 9)
-    out, maps = recording(model, positive, negative, latent)
+    out, maps = recording(model, positive, negative, latent, normalise=normalise)
     assert torch.equal(out, plain(model, positive, negative, latent))
-    # PyTorch attention: the recorded blocks ran the fused kernel themselves (default blocks: 1 a step)
-    assert len(fused_calls) == (STEPS if kernel_name == "pytorch" else 0)
+    # joint rows on PyTorch attention: the recorded block (default: 1) ran the fused kernel itself
+    assert len(fused_calls) == (STEPS if (kernel_name, normalise) == ("pytorch", "joint") else 0)
     assert maps.probs.isfinite().all() and float(maps.probs.sum()) > 0
 
 
@@ -157,9 +158,9 @@ def test_fused_and_beside_paths_record_the_same_maps(monkeypatch):
     model = dit_host.model("flux")
     positive, negative = dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2)
     latent = dit_host.latent("flux", 1, 6, 10)
-    _, beside = recording(model, positive, negative, latent)
+    _, beside = recording(model, positive, negative, latent, normalise="joint")
     pytorch_attention(monkeypatch)
-    _, fused = recording(model, positive, negative, latent)
+    _, fused = recording(model, positive, negative, latent, normalise="joint")
     assert torch.allclose(beside.probs, fused.probs, atol=1e-6, rtol=0)
 
 
@@ -202,7 +203,7 @@ def test_cfg_one_records_the_positive_prompt_and_uncond_says_why():
     positive, negative = dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2)
     latent = dit_host.latent("flux")
     spy = SpyOverride()
-    _, maps = recording(with_override(model, spy), positive, negative, latent, cfg=1.0)
+    _, maps = recording(with_override(model, spy), positive, negative, latent, cfg=1.0, normalise="joint")
     assert {tuple(c[3]) for c in spy.calls} == {(0,)}  # ComfyUI skipped the negative prompt
     default_blocks = families.default_blocks(families.FAMILIES["Flux"], model.model.diffusion_model)
     assert default_blocks == [("double_block", 1)]
@@ -218,7 +219,7 @@ def test_uncond_branch_with_cfg():
     latent = dit_host.latent("sd3")
     spy = SpyOverride()
     _, maps = recording(with_override(model, spy), positive, negative, latent, branch="uncond", dit_blocks="all")
-    expected = brute_force(spy.calls, N_TOKENS, 15, branch=1)
+    expected = brute_force(spy.calls, N_TOKENS, 15, branch=1, normalise="text")
     assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
 
 
@@ -279,7 +280,7 @@ def test_skip_layer_guidance_extra_pass_is_not_recorded():
     assert torch.equal(out, plain(with_override(slg_model, reference), positive, negative, latent))
     ordinary = [c for c in spy.calls if c[3] != [0] or c[0].shape[0] == 2]
     assert len(ordinary) < len(spy.calls)  # the guidance ran its extra cond-only pass
-    expected = brute_force(ordinary, N_TOKENS, 15)
+    expected = brute_force(ordinary, N_TOKENS, 15, normalise="text")
     assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
 
 
@@ -319,3 +320,68 @@ def test_map_memory_does_not_grow_with_steps():
                            common.schedule(clone, steps, "euler", "normal"))
         sizes.append(recorder.total.numel() * recorder.total.element_size())
     assert sizes[0] == sizes[1] == 15 * N_TOKENS * 4
+
+
+PLANT_WORDS = "a photo of a cat on grass".split()
+
+
+def planted_maps(beta, normalise, seed=1):
+    """Flux sampled with an attention-mask cond (ComfyUI's own attention-bias path) that adds
+    `beta` to the logits between the word "cat" and a block of image tokens."""
+    height, width, grid = 24, 32, (12, 16)
+    region = torch.zeros(grid, dtype=torch.bool)
+    region[3:9, 4:12] = True
+    n_txt = len(PLANT_WORDS)
+    length = n_txt + grid[0] * grid[1]
+    bias = torch.zeros(1, length, length)
+    bias[0, n_txt:, PLANT_WORDS.index("cat")] = region.flatten().float() * beta
+    tokens = tokens_mod.PromptTokens(text=" ".join(PLANT_WORDS), token_strings=list(PLANT_WORDS),
+                                     words=[tokens_mod.Word(w, (i,)) for i, w in enumerate(PLANT_WORDS)])
+    positive = dit_host.conditioning(n_txt, seed, tokens=tokens, attention_mask=bias, attention_mask_img_shape=grid)
+    _, maps = recording(dit_host.model("flux"), positive, dit_host.conditioning(n_txt, 2),
+                        dit_host.latent("flux", 1, height, width), cfg=1.0, steps=4, normalise=normalise)
+    return maps, region
+
+
+def planted_iou(beta, normalise, seed=1):
+    nodes = pack_module("nodes.record")
+    maps, region = planted_maps(beta, normalise, seed)
+    mask = nodes.AttentionMask().run(maps, "cat", 1.0, 0.5, "union")[0]
+    assert mask.shape == (1, 8 * 24, 8 * 32)
+    expected = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    found = mask[0] > 0.5
+    return float((found & expected).sum() / (found | expected).sum())
+
+
+def test_planted_region_is_recovered_by_attention_mask():
+    assert planted_iou(8.0, "text") >= 0.9  # the default normalisation
+    # the measurement behind that default (docs/recording.md): text-only rows give the better mask
+    assert planted_iou(4.0, "text") > planted_iou(4.0, "joint")
+
+
+def test_heatmap_node_on_dit_maps():
+    nodes = pack_module("nodes.record")
+    maps, _ = planted_maps(8.0, "text")
+    image = torch.rand(1, 8 * 24, 8 * 32, 3)
+    overlays = nodes.AttentionHeatmap().run(maps, image, "cat, grass", 0.6)[0]
+    assert overlays.shape == (2, 8 * 24, 8 * 32, 3) and not torch.equal(overlays[0], overlays[1])
+
+
+def test_unsupported_model_names_the_supported_ones():
+    import comfy.model_patcher
+
+    unsupported = comfy.model_patcher.ModelPatcher(type("M", (torch.nn.Module,), {})(), torch.device("cpu"),
+                                                   torch.device("cpu"))
+    unsupported.model.diffusion_model = torch.nn.Linear(1, 1)
+    with pytest.raises(TypeError, match="Flux .*SD3 / SD3.5 and Qwen-Image"):
+        record.make_recorder(unsupported, "cond", N_TOKENS)
+
+
+def test_other_methods_refuse_dit_models_clearly():
+    instdiffedit = pack_module("samplers.instdiffedit")
+    with pytest.raises(TypeError, match="needs a UNet model"), torch.inference_mode():
+        words = [tokens_mod.Word(f"w{i}", (i,)) for i in range(N_TOKENS)]
+        tokens = tokens_mod.PromptTokens(text=" ".join(w.text for w in words),
+                                         token_strings=[w.text for w in words], words=words)
+        instdiffedit.sample_instdiffedit(dit_host.model("flux"), dit_host.conditioning(N_TOKENS, 1, tokens=tokens),
+                                         dit_host.conditioning(N_TOKENS, 2), dit_host.latent("flux"), 1, steps=2)
