@@ -17,8 +17,13 @@ SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 FILE_NAME = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|sft|gguf|png|jpe?g|webp)$", re.IGNORECASE)
 
 
+# upstream VAELoader lists "pixel_space" (no VAE) beside its files
+NON_FILE_CHOICES = {"pixel_space"}
+
+
 def is_file_list(choices):
-    return all(isinstance(choice, str) and FILE_NAME.search(choice) for choice in choices)
+    files = [choice for choice in choices if choice not in NON_FILE_CHOICES]
+    return all(isinstance(choice, str) and FILE_NAME.search(choice) for choice in files)
 
 
 def node_classes():
