@@ -24,13 +24,13 @@ class Family:
         return len(getattr(diffusion_model, attribute)) if attribute else 0
 
 
-# diffusion_model class name -> family
+# the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
+# token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
 FAMILIES = {
-    "Flux": Family("Flux", "double_blocks", "single_blocks"),
-    "Chroma": Family("Chroma", "double_blocks", "single_blocks"),
-    "OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks"),
-    "MMDiT": Family("SD3", "joint_blocks"),
-    "QwenImageTransformer2DModel": Family("Qwen-Image", "transformer_blocks"),
+    "comfy.ldm.flux.model.Flux": Family("Flux", "double_blocks", "single_blocks"),
+    "comfy.ldm.chroma.model.Chroma": Family("Chroma", "double_blocks", "single_blocks"),
+    "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks"),
+    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": Family("Qwen-Image", "transformer_blocks"),
 }
 SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 and Qwen-Image (incl. Edit)"
 
@@ -44,7 +44,8 @@ DEFAULT_SPAN = (0.79, 0.95)
 
 def family_of(model_patcher):
     """The Family of a ModelPatcher's diffusion model, or None for a UNet / unknown model."""
-    return FAMILIES.get(type(model_patcher.model.diffusion_model).__name__)
+    kind = type(model_patcher.model.diffusion_model)
+    return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
 def require_family(model_patcher):

@@ -142,13 +142,12 @@ class DiTRecorder(AttentionRecorder):
         self.blocks = parse_blocks(self.blocks_spec, family, self.diffusion_model)
         self.latent_hw = tuple(latent_hw)
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
-        options = model_clone.model_options.setdefault("transformer_options", {})
-        existing = options.get("patches_replace", {}).get("dit", {})
-        for key in self.blocks:
-            model_clone.set_model_patch_replace(_BlockTag(self, key, existing.get(key)), "dit", *key)
-        options = model_clone.model_options["transformer_options"] = dict(model_clone.model_options["transformer_options"])
+        existing = model_clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        self._tags = {key: _BlockTag(self, key, existing.get(key)) for key in self.blocks}
+        for key, tag in self._tags.items():
+            model_clone.set_model_patch_replace(tag, "dit", *key)  # copies transformer_options, as ComfyUI does
+        options = model_clone.model_options["transformer_options"]
         options["optimized_attention_override"] = _AttentionOverride(self, options.get("optimized_attention_override"))
-        self._tags = {key: options["patches_replace"]["dit"][key] for key in self.blocks}
         self._dit_keys = set(options["patches_replace"]["dit"])
         model_clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                          self._apply_model)

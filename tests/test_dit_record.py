@@ -205,7 +205,7 @@ def test_cfg_one_records_the_positive_prompt_and_uncond_says_why():
     spy = SpyOverride()
     _, maps = recording(with_override(model, spy), positive, negative, latent, cfg=1.0, normalise="joint")
     assert {tuple(c[3]) for c in spy.calls} == {(0,)}  # ComfyUI skipped the negative prompt
-    default_blocks = families.default_blocks(families.FAMILIES["Flux"], model.model.diffusion_model)
+    default_blocks = families.default_blocks(families.family_of(model), model.model.diffusion_model)
     assert default_blocks == [("double_block", 1)]
     expected = brute_force(spy.calls[1::4], N_TOKENS, 15)  # double block 1 of each forward (2 double + 2 single)
     assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
@@ -295,7 +295,8 @@ def test_leaves_no_trace_on_the_callers_model():
 def test_block_choice_and_errors():
     flux_19 = type("Stand", (), {"double_blocks": [None] * 19, "single_blocks": [None] * 38})()
     sd3_24 = type("Stand", (), {"joint_blocks": [None] * 24})()
-    flux, sd3 = families.FAMILIES["Flux"], families.FAMILIES["MMDiT"]
+    flux = families.FAMILIES["comfy.ldm.flux.model.Flux"]
+    sd3 = families.FAMILIES["comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper"]
     assert families.default_blocks(flux, flux_19) == [("double_block", i) for i in range(15, 19)]
     assert families.default_blocks(sd3, sd3_24) == [("double_block", i) for i in range(19, 23)]
     assert families.parse_blocks("double 2, single 0-1", flux, flux_19) == [
@@ -369,12 +370,15 @@ def test_heatmap_node_on_dit_maps():
 
 def test_unsupported_model_names_the_supported_ones():
     import comfy.model_patcher
+    import comfy.supported_models as sm
 
-    unsupported = comfy.model_patcher.ModelPatcher(type("M", (torch.nn.Module,), {})(), torch.device("cpu"),
-                                                   torch.device("cpu"))
-    unsupported.model.diffusion_model = torch.nn.Linear(1, 1)
-    with pytest.raises(TypeError, match="Flux .*SD3 / SD3.5 and Qwen-Image"):
-        record.make_recorder(unsupported, "cond", N_TOKENS)
+    # AuraFlow: a DiT ComfyUI runs whose class is also called MMDiT, not supported by the recorder
+    config = dict(cond_seq_dim=dit_host.CONTEXT_DIM, dim=64, n_layers=2, n_double_layers=1, n_heads=2,
+                  global_conddim=64, max_seq=64)
+    aura = comfy.model_patcher.ModelPatcher(sm.AuraFlow(config).get_model({}), torch.device("cpu"),
+                                            torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"\(MMDiT\).*SDXL UNets and the DiT models Flux .*SD3 / SD3.5 and Qwen-Image"):
+        record.make_recorder(aura, "cond", N_TOKENS)
 
 
 def test_other_methods_refuse_dit_models_clearly():
