@@ -389,3 +389,16 @@ def test_other_methods_refuse_dit_models_clearly():
                                          token_strings=[w.text for w in words], words=words)
         instdiffedit.sample_instdiffedit(dit_host.model("flux"), dit_host.conditioning(N_TOKENS, 1, tokens=tokens),
                                          dit_host.conditioning(N_TOKENS, 2), dit_host.latent("flux"), 1, steps=2)
+
+
+def test_two_positive_conds_are_both_recorded():
+    """Conditioning Combine of two prompts: ComfyUI batches both positive conds (and the negative)
+    into one call; every positive chunk counts, as on the UNet path."""
+    model = dit_host.model("flux")
+    positive = dit_host.conditioning(N_TOKENS, 1) + dit_host.conditioning(N_TOKENS, 3)
+    negative = dit_host.conditioning(N_TOKENS, 2)
+    spy = SpyOverride()
+    _, maps = recording(with_override(model, spy), positive, negative, dit_host.latent("flux"))
+    assert max(len(c[3]) for c in spy.calls) == 3  # one call held both positive chunks and the negative
+    expected = brute_force(spy.calls[1::4], N_TOKENS, 15, normalise="text")
+    assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
