@@ -179,11 +179,11 @@ class DiTRecorder(AttentionRecorder):
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                      transformer_options={}, **kwargs):
-        self.forward = self._plan(x, c_crossattn, transformer_options)
+        previous, self.forward = self.forward, self._plan(x, c_crossattn, transformer_options)
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
-            self.forward = None
+            self.forward = previous  # a nested model call (some wrappers make one) restores ours
 
     def observe_joint(self, forward, q, k, mask, lse):
         """Add one attention call's image->prompt probabilities ([B, H, L, D] q, k of the
