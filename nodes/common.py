@@ -3,6 +3,8 @@ CATEGORY = "attention_edit"
 LATENT_TO_IMAGE = 8  # SD1.x / SD2.x / SDXL VAEs downscale by 8
 
 LEVELS = {"1/4 (16x16 at 512 px on SD1.x)": 2, "1/2": 1, "1/1": 0, "1/8": 3}
+# DiT models (Flux, SD3, Qwen-Image): which joint-attention row is recorded (docs/recording.md)
+NORMALISATIONS = {"text keys only": "text", "joint (all keys)": "joint"}
 PARTS = {"down + up": ("input", "output"), "down + mid + up": ("input", "middle", "output"),
          "up": ("output",), "down": ("input",), "mid": ("middle",)}
 
@@ -27,10 +29,26 @@ def sampler_inputs():
 
 def resolution_input():
     return (list(LEVELS), {"default": next(iter(LEVELS)), "tooltip":
-            "Which cross-attention layers to record, by their size relative to the latent. 1/4 is "
-            "the 16x16 layers of SD1.x at 512 px (32x32 on SDXL at 1024 px), the usual choice."})
+            "UNet models: which cross-attention layers to record, by their size relative to the latent. "
+            "1/4 is the 16x16 layers of SD1.x at 512 px (32x32 on SDXL at 1024 px), the usual choice. "
+            "DiT models attend at one size (latent / 2) and use dit_blocks instead."})
 
 
 def parts_input():
     return (list(PARTS), {"default": "down + up", "tooltip":
-            "UNet parts whose layers at that size are averaged (official methods use down + up)."})
+            "UNet parts whose layers at that size are averaged (official methods use down + up). "
+            "DiT models use dit_blocks instead."})
+
+
+def dit_blocks_input():
+    return ("STRING", {"default": "", "tooltip":
+            "DiT models only (Flux, Chroma, SD3, Qwen-Image): which blocks to record. Empty: the late "
+            "double/joint blocks (Flux 15-18 of 19, SD3 19-22 of 24, Qwen-Image 47-57 of 60). Else e.g. "
+            "'15-18', 'double 3, single 0-9', 'all'. UNet models use resolution and layers instead."})
+
+
+def normalisation_input():
+    return (list(NORMALISATIONS), {"default": next(iter(NORMALISATIONS)), "tooltip":
+            "DiT models only: 'text keys only' renormalises each pixel's attention over the prompt's "
+            "tokens (like UNet cross-attention; sharper word masks); 'joint (all keys)' keeps the "
+            "model's own probability, normalised over text and image keys."})

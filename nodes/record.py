@@ -6,7 +6,8 @@ from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..samplers.record import sample_recording
-from .common import CATEGORY, LATENT_TO_IMAGE, LEVELS, PARTS, parts_input, resolution_input, sampler_inputs
+from .common import (CATEGORY, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, dit_blocks_input,
+                     normalisation_input, parts_input, resolution_input, sampler_inputs)
 
 
 class KSamplerRecordAttention:
@@ -17,19 +18,22 @@ class KSamplerRecordAttention:
         inputs["layers"] = parts_input()
         inputs["branch"] = (["cond", "uncond"], {"default": "cond", "tooltip":
                             "Record the positive (cond) or negative (uncond) prompt's attention."})
-        return {"required": inputs}
+        return {"required": inputs, "optional": {"dit_blocks": dit_blocks_input(),
+                                                 "normalisation": normalisation_input()}}
 
     RETURN_TYPES = ("LATENT", "ATTENTION_MAPS")
     FUNCTION = "run"
     CATEGORY = CATEGORY
     DESCRIPTION = ("A KSampler that also records where each word of the prompt looks: the mean "
-                   "cross-attention over the chosen layers and all steps.")
+                   "cross-attention over the chosen layers and all steps (UNet models: SD1.x, SD2.x, "
+                   "SDXL; DiT models: Flux, Chroma, SD3, Qwen-Image, their text-image joint attention).")
 
     def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-            denoise, resolution, layers, branch):
+            denoise, resolution, layers, branch, dit_blocks="", normalisation=next(iter(NORMALISATIONS))):
         return sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                 latent_image, denoise=denoise, level=LEVELS[resolution],
-                                parts=PARTS[layers], branch=branch)
+                                parts=PARTS[layers], branch=branch, dit_blocks=dit_blocks,
+                                normalise=NORMALISATIONS[normalisation])
 
 
 def _words_or_all(maps, words):

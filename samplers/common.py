@@ -101,7 +101,9 @@ def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
     import comfy.sample
 
     samples = latent_samples(model, latent)
-    out = comfy.sample.sample(model, initial_noise(latent, seed), steps, cfg, sampler_name, scheduler,
+    # noise of the model's latent shape, as KSampler makes it (Qwen-Image adds a frame axis)
+    noise = initial_noise({**latent, "samples": samples}, seed)
+    out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler,
                               positive, negative, samples, denoise=denoise,
                               noise_mask=latent.get("noise_mask"), sigmas=sigmas,
                               callback=callback or progress_callback(model, steps),

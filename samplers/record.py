@@ -1,18 +1,31 @@
-"""KSampler that records cross-attention maps on the side."""
+"""KSampler that records cross-attention maps on the side (UNet cross-attention, DiT joint attention)."""
+from ..attention.dit_families import family_of, require_family
+from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import annotation_of, no_words_reason
 from .common import check_latent, check_sampling, ksample, latent_samples, schedule
 
 
+def make_recorder(model, branch, n_tokens, level=2, parts=("input", "output"), dit_blocks="",
+                  normalise="text"):
+    """The recorder for this model: UNet layers by resolution level, DiT models by block."""
+    if family_of(model) is not None:
+        return DiTRecorder(branch=branch, n_tokens=n_tokens, blocks=dit_blocks, normalise=normalise)
+    if not hasattr(model.model.diffusion_model, "input_blocks"):
+        require_family(model)  # neither a UNet nor a supported DiT: the error names what is supported
+    return AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=n_tokens)
+
+
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                     denoise=1.0, level=2, parts=("input", "output"), branch="cond"):
+                     denoise=1.0, level=2, parts=("input", "output"), branch="cond", dit_blocks="",
+                     normalise="text"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     check_sampling(steps, cfg, denoise)
     check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
-    recorder = AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=prompt[0][0].shape[1])
+    recorder = make_recorder(patched, branch, prompt[0][0].shape[1], level, parts, dit_blocks, normalise)
     recorder.install(patched, latent["samples"].shape[-2:], sigmas)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)

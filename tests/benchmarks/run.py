@@ -1,6 +1,6 @@
 """Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit]`.
 
-Full-size SD1.5 UNets with random weights on CPU, variants timed side by side in one run
+Full-size SD1.5 UNets (dit_record: full-width Flux blocks) with random weights on CPU, variants timed side by side in one run
 (interleaved repeats, medians). CPU times are noisy; the ratios are what count.
 """
 import argparse
@@ -9,7 +9,7 @@ import time
 
 from common import host, setup
 
-BENCHES = ("record", "instdiffedit", "foi", "magedit")
+BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record")
 
 
 def main():
@@ -18,12 +18,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--steps-256", type=int, default=4)
     parser.add_argument("--steps-512", type=int, default=2)
+    parser.add_argument("--dit-steps", type=int, default=1, help="dit_record: sampling steps per run")
+    parser.add_argument("--dit-sizes", default="512,1024", help="dit_record: image sizes in px")
     args = parser.parse_args()
     print(f"host: {setup()}")
     models = {}
     for name in args.only.split(","):
         name = name.strip()
         module = importlib.import_module(f"bench_{name}")
+        if getattr(module, "OWN_MODEL", False):
+            module.run(args)
+            continue
         ip2p = getattr(module, "IP2P", False)
         if ip2p not in models:
             start = time.perf_counter()

@@ -1,0 +1,117 @@
+"""The DiT families the recorder knows: their blocks, the default blocks to record, and the token
+layout of their joint attention.
+
+All supported families run joint attention on [text tokens | generated image tokens (patch 2,
+row-major, padded: ceil(h/2) * ceil(w/2)) | reference-image tokens (Kontext, Qwen-Image-Edit)],
+in double/joint blocks and in Flux's single blocks alike, and ComfyUI calls their blocks through
+patches_replace["dit"] keys ("double_block", i) / ("single_block", i).
+"""
+import math
+import re
+from dataclasses import dataclass
+
+PATCH = 2  # every supported family patchifies the latent 2x2
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    double: str  # attribute holding the double / joint blocks
+    single: str = None  # attribute holding Flux-style single blocks, if any
+
+    def depth(self, diffusion_model, kind):
+        attribute = self.double if kind == "double" else self.single
+        return len(getattr(diffusion_model, attribute)) if attribute else 0
+
+
+# the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
+# token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
+FAMILIES = {
+    "comfy.ldm.flux.model.Flux": Family("Flux", "double_blocks", "single_blocks"),
+    "comfy.ldm.chroma.model.Chroma": Family("Chroma", "double_blocks", "single_blocks"),
+    "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks"),
+    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": Family("Qwen-Image", "transformer_blocks"),
+}
+SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 and Qwen-Image (incl. Edit)"
+
+# Default: the double / joint blocks at 79-95 % of their depth. ConceptAttention (Helbling et al.,
+# ICML 2025) finds Flux's sharpest text-image maps in its late double blocks and averages 15-18 of
+# 19; the same relative depth is used for SD3 (24 blocks: 19-22; SD3.5 Large 38: 30-36) and
+# Qwen-Image (60: 47-57), whose blocks are all joint. The last blocks are left out: SD3's last
+# block has no text output and late text tokens serve the image's final detail, not its layout.
+DEFAULT_SPAN = (0.79, 0.95)
+
+
+def family_of(model_patcher):
+    """The Family of a ModelPatcher's diffusion model, or None for a UNet / unknown model."""
+    kind = type(model_patcher.model.diffusion_model)
+    return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+
+
+def require_family(model_patcher):
+    family = family_of(model_patcher)
+    if family is None:
+        name = type(model_patcher.model.diffusion_model).__name__
+        raise TypeError(
+            f"attention recording does not support this model ({name}); it supports SD1.x, SD2.x and "
+            f"SDXL UNets and the DiT models {SUPPORTED}."
+        )
+    return family
+
+
+def default_blocks(family, diffusion_model):
+    depth = family.depth(diffusion_model, "double")
+    first = min(depth - 1, round(DEFAULT_SPAN[0] * depth))
+    last = max(first, min(depth - 1, int(DEFAULT_SPAN[1] * depth)))
+    return [("double_block", i) for i in range(first, last + 1)]
+
+
+_ITEM = re.compile(r"^(?:(double|joint|single)\s*)?(all|\d+(?:\s*-\s*\d+)?)$")
+
+
+def parse_blocks(spec, family, diffusion_model):
+    """'' -> the family default; else comma-separated items such as '15-18', 'double 3',
+    'single 0-9', 'all', 'single all' ('joint' = 'double'; a bare range means double blocks)."""
+    if not spec.strip():
+        return default_blocks(family, diffusion_model)
+    chosen = []
+    for item in (part.strip().lower() for part in spec.split(",")):
+        match = _ITEM.match(item)
+        if not match:
+            raise ValueError(f"dit_blocks: cannot read {item!r}; write e.g. '15-18', 'double 3', "
+                             "'single 0-9' or 'all', comma-separated (empty for the default)")
+        kind = "single" if match.group(1) == "single" else "double"
+        depth = family.depth(diffusion_model, kind)
+        if not depth:
+            raise ValueError(f"dit_blocks: {family.name} has no single blocks; it has "
+                             f"{family.depth(diffusion_model, 'double')} joint blocks (0-"
+                             f"{family.depth(diffusion_model, 'double') - 1})")
+        if match.group(2) == "all":
+            indices = range(depth)
+        else:
+            bounds = [int(b) for b in match.group(2).replace(" ", "").split("-")]
+            indices = range(bounds[0], bounds[-1] + 1)
+            if bounds[-1] >= depth or bounds[0] > bounds[-1]:
+                raise ValueError(f"dit_blocks: {item!r} is outside {family.name}'s {kind} blocks 0-{depth - 1}")
+        chosen.extend((f"{kind}_block", i) for i in indices if (f"{kind}_block", i) not in chosen)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one forward's tokens sit in the joint sequence."""
+
+    prompt_start: int  # first conditioning token (after SD3's learned register tokens, if any)
+    n_txt: int  # all text tokens (registers + conditioning)
+    n_img: int  # the generated image's tokens; reference-image tokens follow them
+
+    @property
+    def image_rows(self):
+        return slice(self.n_txt, self.n_txt + self.n_img)
+
+
+def layout_of(x, context, diffusion_model):
+    """The token layout of one forward, from the APPLY_MODEL inputs (noisy latent, context)."""
+    height, width = x.shape[-2:]
+    registers = getattr(diffusion_model, "register_length", 0)
+    return Layout(registers, registers + context.shape[1], math.ceil(height / PATCH) * math.ceil(width / PATCH))

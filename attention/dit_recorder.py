@@ -1,0 +1,200 @@
+"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image) while sampling.
+
+Installed on the sampling clone through three public hooks, each chaining to what is there:
+- an APPLY_MODEL wrapper reads each forward's token layout (text length, image grid), its batch
+  rows (`cond_or_uncond`) and step, and marks the forward recordable;
+- `patches_replace["dit"]` block patches on the chosen blocks say which block is running, and call
+  the block patch that was there before (or the original block);
+- `transformer_options["optimized_attention_override"]` sees every attention call; inside a
+  chosen block of a recordable forward it adds the image queries' text probabilities to a running
+  sum on the device (attention/dit_kernel.py), and returns the attention output the model would
+  have computed without it, bit for bit.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .dit_families import layout_of, parse_blocks, require_family
+from .dit_kernel import (bind_attention_args, fused_attention, fused_available, heads_first,
+                         logsumexp_rows, text_probabilities)
+from .layers import level_grid
+from .recorder import AttentionRecorder
+
+NORMALISATIONS = ("text", "joint")
+WRAPPER_KEY = "attention_edit_record"
+
+
+@dataclass
+class _Forward:
+    """What one model forward needs recorded."""
+
+    layout: object  # dit_families.Layout
+    rows: object  # slice or index tensor of the batch rows of the recorded branch
+    chunks: int  # how many cond chunks of that branch the rows hold
+
+
+def _branch_rows(chunks, branch, batch, device):
+    per_chunk = batch // len(chunks)
+    picked = [i for i, kind in enumerate(chunks) if kind == branch]
+    if not picked:
+        return None, 0
+    if picked == list(range(picked[0], picked[-1] + 1)):  # contiguous: a view, no copy
+        return slice(picked[0] * per_chunk, (picked[-1] + 1) * per_chunk), len(picked)
+    index = [i * per_chunk + j for i in picked for j in range(per_chunk)]
+    return torch.tensor(index, device=device), len(picked)
+
+
+class _Shared:
+    """Base of the pack's DiT hooks: ModelPatcher.clone() deep-copies model_options, and a copy
+    would record into a stranger; ComfyUI moves patch objects that have .to()."""
+
+    def __init__(self, recorder, inner):
+        self.recorder = recorder
+        self.inner = inner
+
+    def to(self, device):
+        if self.inner is not None and hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device)
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _BlockTag(_Shared):
+    """patches_replace["dit"] patch: marks `key` as the running block, runs the block as before."""
+
+    def __init__(self, recorder, key, inner):
+        super().__init__(recorder, inner)
+        self.key = key
+
+    def __call__(self, args, extra):
+        previous, self.recorder.block = self.recorder.block, self.key
+        try:
+            if self.inner is not None:
+                return self.inner(args, extra)
+            return extra["original_block"](args)
+        finally:
+            self.recorder.block = previous
+
+
+class _AttentionOverride(_Shared):
+    """optimized_attention_override: records inside chosen blocks, returns the usual output."""
+
+    def _run(self, func, args, kwargs):
+        if self.inner is not None:
+            return self.inner(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        recorder = self.recorder
+        forward = recorder.forward
+        if forward is None or recorder.block is None:
+            return self._run(func, args, kwargs)
+        call = bind_attention_args(args, kwargs)
+        q, k, v, mask = heads_first(call)
+        layout = forward.layout
+        if q.shape[2] < layout.n_txt + layout.n_img:
+            return self._run(func, args, kwargs)  # an image-only attention (SD3.5 x_block_self_attn)
+        rows = forward.rows
+        lse = None
+        if recorder.normalise == "joint" and self.inner is None and fused_available(func, call):
+            out, lse = fused_attention(call)  # the kernel SDPA would run, with its lse
+            lse = lse[rows][:, :, layout.image_rows]
+        else:
+            out = self._run(func, args, kwargs)
+        mask_rows = None if mask is None else (mask[rows] if mask.shape[0] > 1 else mask)
+        if recorder.normalise == "joint" and lse is None:
+            lse = logsumexp_rows(q[rows], k[rows], v[rows], mask_rows, layout.image_rows)
+        recorder.observe_joint(forward, q[rows], k[rows], mask_rows, lse)
+        return out
+
+
+class DiTRecorder(AttentionRecorder):
+    """Running mean of the generated image's attention on the prompt's tokens in chosen DiT blocks.
+
+    blocks: dit_families.parse_blocks spec ('' = the family default).
+    normalise: "text" (default) renormalises over the text keys only (each pixel's row sums to 1,
+    like UNet maps; sharper word masks, docs/recording.md); "joint" records the model's own row
+    (softmax over all keys, text mass < 1).
+    """
+
+    def __init__(self, branch="cond", steps=None, n_tokens=None, blocks="", normalise="text"):
+        super().__init__(level=1, parts=(), branch=branch, steps=steps, n_tokens=n_tokens)
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+        self.blocks_spec = blocks
+        self.normalise = normalise
+        self.blocks = []
+        self.forward = None  # _Forward of the model call running now, None outside / not recorded
+        self.block = None  # patches_replace key of the chosen block running now
+
+    @property
+    def grid(self):
+        return level_grid(*self.latent_hw, self.level)
+
+    def install(self, model_clone, latent_hw, schedule=None):
+        """Hook `model_clone` (a ModelPatcher.clone(), never the caller's model) and return it."""
+        import comfy.patcher_extension
+
+        family = require_family(model_clone)
+        self.diffusion_model = model_clone.model.diffusion_model
+        self.blocks = parse_blocks(self.blocks_spec, family, self.diffusion_model)
+        self.latent_hw = tuple(latent_hw)
+        self.schedule = None if schedule is None else schedule.detach().float().cpu()
+        existing = model_clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        self._tags = {key: _BlockTag(self, key, existing.get(key)) for key in self.blocks}
+        for key, tag in self._tags.items():
+            model_clone.set_model_patch_replace(tag, "dit", *key)  # copies transformer_options, as ComfyUI does
+        options = model_clone.model_options["transformer_options"]
+        options["optimized_attention_override"] = _AttentionOverride(self, options.get("optimized_attention_override"))
+        self._dit_keys = set(options["patches_replace"]["dit"])
+        model_clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                         self._apply_model)
+        return model_clone
+
+    def _ordinary_pass(self, transformer_options):
+        """False for a guidance's extra pass that swaps block patches (SkipLayerGuidanceDiT)."""
+        dit = transformer_options.get("patches_replace", {}).get("dit", {})
+        return set(dit) == self._dit_keys and all(dit.get(key) is tag for key, tag in self._tags.items())
+
+    def _plan(self, x, context, transformer_options):
+        if context is None or not self._ordinary_pass(transformer_options):
+            return None
+        if self.steps is not None:
+            step = self._current_step(transformer_options)
+            if step is None or step not in self.steps:
+                return None
+            self.steps_seen.add(step)
+        rows, chunks = _branch_rows(transformer_options.get("cond_or_uncond") or [0], self.branch,
+                                    x.shape[0], x.device)
+        if rows is None:
+            return None
+        layout = layout_of(x, context, self.diffusion_model)
+        if self.n_tokens is None:
+            self.n_tokens = context.shape[1]
+        if context.shape[1] < self.n_tokens:
+            return None  # another, shorter conditioning (its words are not the recorded prompt's)
+        return _Forward(layout, rows, chunks)
+
+    def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                     transformer_options={}, **kwargs):
+        previous, self.forward = self.forward, self._plan(x, c_crossattn, transformer_options)
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            self.forward = previous  # a nested model call (some wrappers make one) restores ours
+
+    def observe_joint(self, forward, q, k, mask, lse):
+        """Add one attention call's image->prompt probabilities ([B, H, L, D] q, k of the
+        recorded rows) to the running sum."""
+        layout = forward.layout
+        rows = layout.image_rows
+        mask_block = None if mask is None else mask[..., rows, :layout.n_txt]
+        probs = text_probabilities(q[:, :, rows], k[:, :, :layout.n_txt], lse, mask_block)
+        probs = probs[..., layout.prompt_start:layout.prompt_start + self.n_tokens]
+        probs = probs.reshape(forward.chunks, -1, *probs.shape[1:]).sum(0)
+        if self.total is None:
+            self.total = torch.zeros_like(probs)
+        self.total += probs
+        self.count += forward.chunks

@@ -1,0 +1,100 @@
+"""Recording on DiT models: KSampler (Record Attention) vs plain sampling on full-width Flux blocks.
+
+Full-width Flux (hidden 3072, 24 heads, T5 context 4096 wide, 256 text tokens) with one double and
+one single block, random weights, on CPU with PyTorch attention; recording uses the defaults (the
+late double blocks: here block 0, the only one). Plain and recording runs alternate; medians are
+compared, for wall time and for the CPU time of the sampling thread (torch runs on that one
+thread; on a shared machine its CPU time is far steadier than wall time). Peak memory is the
+largest RSS rise over a run (bench_magedit.PeakMemory).
+"""
+import statistics
+import time
+
+import torch
+
+from bench_magedit import PeakMemory
+from common import interleaved, pack_module, report
+from ae_testlib import dit_host
+
+record = pack_module("samplers.record")
+common = pack_module("samplers.common")
+
+OWN_MODEL = True  # run.py: this benchmark builds its own model
+TEXT_TOKENS = 256
+
+
+def build():
+    start = time.perf_counter()
+    model = dit_host.build("flux", size="full")
+    model.model.diffusion_model.double_blocks = model.model.diffusion_model.double_blocks[:1]
+    model.model.diffusion_model.single_blocks = model.model.diffusion_model.single_blocks[:1]
+    print(f"built full-width Flux (1 double + 1 single block) in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def _conditioning(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, TEXT_TOKENS, 4096, generator=generator),
+             {"pooled_output": torch.randn(1, 768, generator=generator)}]]
+
+
+def _pytorch_attention():
+    from comfy.ldm.flux import math as flux_math
+    from comfy.ldm.modules import attention
+
+    flux_math.optimized_attention = attention.attention_pytorch  # bound at import, as setup() does globally
+
+
+def run(args, model=None):
+    _pytorch_attention()
+    model = model or build()
+    positive, negative = _conditioning(1), _conditioning(2)
+    steps = args.dit_steps
+    for size in (int(s) for s in args.dit_sizes.split(",")):
+        latent = {"samples": torch.zeros(1, 16, size // 8, size // 8)}
+        sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
+        peaks, cpu = {}, {}
+
+        def measured(name, function):
+            def go():
+                start = time.thread_time()
+                with PeakMemory(torch.device("cpu")) as memory:
+                    function()
+                cpu.setdefault(name, []).append(time.thread_time() - start)
+                peaks[name] = max(peaks.get(name, 0), memory.peak)
+            return go
+
+        def plain():
+            common.ksample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent, sigmas)
+
+        def recording(normalise):
+            return lambda: record.sample_recording(model, 0, steps, 1.0, "euler", "simple", positive, negative,
+                                                   latent, normalise=normalise)
+
+        variants = {"plain sampling": measured("plain sampling", plain),
+                    "recording (text keys)": measured("recording (text keys)", recording("text")),
+                    "recording (joint)": measured("recording (joint)", recording("joint"))}
+        medians, runs = interleaved(variants, args.repeats)
+        report(f"DiT recording, full-width Flux blocks, {size} px, {steps} step(s), cfg 1", medians,
+               "plain sampling", target=1.05)
+        for name, values in runs.items():
+            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
+        report("same runs, CPU time of the sampling thread", {n: statistics.median(v) for n, v in cpu.items()},
+               "plain sampling", target=1.05)
+        for name, values in cpu.items():
+            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
+        base = peaks["plain sampling"]
+        print("  peak RSS rise: " + ", ".join(f"{n} {p / 2 ** 20:.0f} MiB" for n, p in peaks.items())
+              + "; extra over plain: " + ", ".join(f"{n} {(p - base) / max(base, 1):+.1%}"
+                                                    for n, p in peaks.items() if n != "plain sampling"))
+
+    print("\n## DiT recorded-map memory (full-width Flux, 256 px)")
+    latent = {"samples": torch.zeros(1, 16, 32, 32)}
+    for steps in (2, 6):
+        recorder = record.make_recorder(model, "cond", TEXT_TOKENS)
+        patched = recorder.install(model.clone(), (32, 32))
+        with torch.inference_mode():
+            common.ksample(patched, 0, steps, 1.0, "euler", "simple", positive, negative, latent,
+                           common.schedule(patched, steps, "euler", "simple", 1.0))
+        print(f"  {steps} steps: {recorder.total.numel() * recorder.total.element_size()} bytes of maps "
+              f"({recorder.count} block-steps summed)")
