@@ -273,27 +273,37 @@ def _sd3(clip, text, encoder):
         strings += t5_strings
         ends += t5_ends
         parts.append(("T5-XXL", offset, len(strings)))
-        if clip_words is not None:
-            spots = _join_parts(names, spots, clip_words, text, encoder)
-        words = _words(names, spots)
+        words = (_words(names, spots) if clip_words is None
+                 else _join_parts(names, spots, clip_words, text, encoder))
     return EncoderPromptTokens(text=text, token_strings=strings, words=words or [], end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts), clip_chunks=clip_length // CHUNK)
 
 
 def _join_parts(names, spots, clip_words, text, encoder):
-    """The same words in the CLIP part and in the T5 part: each word's CLIP positions, then its T5
-    positions. A word one tokenizer drops (a control character CLIP keeps and T5 removes, say)
-    keeps the other's; which words a tokenizer drops depends on their text only."""
-    joined, k = {i: list(p) for i, p in spots.items()}, 0
-    for i, (name, _) in enumerate(names):
-        if k < len(clip_words) and normalise_word(clip_words[k].text) == normalise_word(name):
-            joined[i] = list(clip_words[k].positions) + joined.get(i, [])
-            k += 1
+    """The same words in the CLIP part and in the T5 part: each word gets its CLIP positions, then
+    its T5 positions. ComfyUI's CLIP tokenizer splits words at spaces and new lines only, T5 at any
+    white space: a CLIP word with a tab inside ('a\tb') holds several T5 words and stays one word of
+    both parts' tokens. A word one tokenizer drops (a control character CLIP keeps and T5 removes,
+    say) keeps the other's; which words a tokenizer drops depends on their text only."""
+    words, i, k = [], 0, 0
+    while i < len(names):
+        if k < len(clip_words):
+            clip_word = clip_words[k]
+            pieces = [normalise_word(p) for p in clip_word.text.split()] or [normalise_word(clip_word.text)]
+            if [normalise_word(name) for name, _ in names[i:i + len(pieces)]] == pieces:
+                t5 = [p for j in range(i, i + len(pieces)) for p in spots.get(j, ())]
+                label = names[i][0] if len(pieces) == 1 else clip_word.text
+                words.append(Word(label, tuple(clip_word.positions) + tuple(t5), names[i][1]))
+                i, k = i + len(pieces), k + 1
+                continue
+        if spots.get(i):
+            words.append(Word(names[i][0], tuple(spots[i]), names[i][1]))
+        i += 1
     if k != len(clip_words):
         raise TokenAlignmentError(
             f"{encoder}: could not match the word {clip_words[k].text!r} of \"{_short(text)}\" between the "
             "CLIP part and the T5 part (the encoders split the prompt differently). Please report this prompt.")
-    return joined
+    return words
 
 
 # ---------------------------------------------------------------- Qwen-Image / Qwen-Image-Edit
