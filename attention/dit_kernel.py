@@ -45,6 +45,8 @@ def heads_first(call):
         q, k, v = (t.view(batch, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
     mask = call["mask"]
     if mask is not None:
+        if mask.dtype == torch.bool:  # True = attend, as SDPA reads it: make it the additive bias
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         while mask.ndim < 4:
             mask = mask.unsqueeze(0) if mask.ndim == 2 else mask.unsqueeze(1)
     return q, k, v, mask
@@ -66,7 +68,7 @@ def is_comfy_pytorch_attention(func):
 def fused_available(func, call):
     """True when `func` is ComfyUI's PyTorch attention and SDPA would pick the CPU flash kernel
     for these tensors, so calling that kernel ourselves is exactly what the model would run."""
-    if not is_comfy_pytorch_attention(func):
+    if not is_comfy_pytorch_attention(func) or (call["mask"] is not None and call["mask"].dtype == torch.bool):
         return False
     from comfy.ldm.modules import attention
 

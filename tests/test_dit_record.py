@@ -170,6 +170,21 @@ def _attention_pytorch():
     return attention.attention_pytorch
 
 
+def test_boolean_mask_is_read_as_sdpa_reads_it():
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 12, 8, generator=generator) for _ in range(2))
+    allowed = torch.rand(1, 12, 12, generator=generator) > 0.3
+    allowed[..., 0] = True  # every row attends somewhere
+    call = kernel.bind_attention_args((q, k, q, 2), {"skip_reshape": True, "mask": allowed})
+    assert not kernel.fused_available(_attention_pytorch().__wrapped__, call)
+    _, _, _, bias = kernel.heads_first(call)
+    rows = slice(4, 12)
+    probs = kernel.text_probabilities(q[:, :, rows], k[:, :, :4], kernel.logsumexp_rows(q, k, q, bias, rows),
+                                      bias[..., rows, :4])
+    logits = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
+    assert torch.allclose(probs, logits.softmax(-1)[:, :, rows, :4].mean(1), atol=1e-6)
+
+
 @pytest.mark.parametrize("form", ["flux", "flux-mask", "sd3", "qwen"])
 def test_fused_kernel_is_what_comfy_pytorch_attention_runs(form):
     attention_pytorch = _attention_pytorch()
