@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ae_testlib import fixtures, registry
+from ae_testlib import dit_text, fixtures, registry
 
 RESOLUTION = "1/4 (16x16 at 512 px on SD1.x)"
 SOURCE, TARGET = "a photo of a cat on a sofa", "a photo of a cat on a red sofa"
@@ -75,6 +75,9 @@ def inputs(key, **changes):
     """Valid inputs of node `key` with `changes` applied."""
     if key == "AttentionEditTextEncode":
         base = {"clip": fixtures.clip("sd15"), "text": "a corgi wearing a red hat"}
+    elif key == "AttentionEditTextEncodeQwenImageEdit":
+        dit_text.require_dit_clip("qwen_image")
+        base = {"clip": dit_text.build_dit_clip("qwen_image"), "prompt": "put a red hat on the dog"}
     elif key == "AttentionEditInstructionEncode":
         base = {"clip": fixtures.clip("sd15"), "text": "put a *hat* on the dog"}
     elif key == "AttentionEditKSamplerRecord":

@@ -95,7 +95,8 @@ def _node_keys():
 def test_node_leaves_no_global_trace(key, comfy_host):
     inputs = node_calls.inputs(key)  # builds (and caches) what the call needs first
     models = [v for v in inputs.values() if hasattr(v, "model_options") and hasattr(v, "patches")]
-    assert models or key in {"AttentionEditTextEncode", "AttentionEditInstructionEncode", "AttentionEditHeatmap",
+    assert models or key in {"AttentionEditTextEncode", "AttentionEditTextEncodeQwenImageEdit",
+                             "AttentionEditInstructionEncode", "AttentionEditHeatmap",
                              "AttentionEditMask", "AttentionEditInstDiffEditMask"}
     with torch.inference_mode():  # ComfyUI's executor runs every node inside inference mode
         before = snapshot(models)

@@ -12,25 +12,14 @@ CONTEXT_DIM = 32  # text-encoder width the tiny models take
 POOLED_DIM = 32
 
 
-def missing_dit_feature():
-    """None when this ComfyUI host has the DiT families, else what it lacks."""
-    host.import_host()
-    import comfy.supported_models as sm
-
-    missing = [name for name in ("Flux", "SD3", "QwenImage", "Chroma") if not hasattr(sm, name)]
-    try:
-        import comfy.patcher_extension  # noqa: F401 - the APPLY_MODEL wrapper the recorder uses
-    except ImportError:
-        missing.append("comfy.patcher_extension")
-    return ", ".join(missing) or None
+DIT_FEATURES = ("flux", "chroma", "sd3", "qwen_image", "model_wrappers")
 
 
 def require_dit_host():
-    """Skip (with the reason) on a host without ComfyUI's DiT models."""
-    missing = missing_dit_feature()
-    if missing:
-        pytest.skip(f"needs a ComfyUI host with DiT models; this one lacks {missing} "
-                    f"({host.import_host()}; run with COMFYUI_PATH at upstream ComfyUI >= 0.3.64)")
+    """Skip (the suite's one host skip, with its reason) on a host without ComfyUI's DiT models."""
+    reason = host.missing_reason(DIT_FEATURES)
+    if reason:
+        pytest.skip(reason)
 
 
 def _configs(size):

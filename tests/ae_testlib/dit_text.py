@@ -18,7 +18,6 @@ The PyPI host (comfyui==0.0.1) has SD3's encoders only (comfy.sd3_clip, no `mode
 is built there from its classes with tiny parts; the other families skip there with the reason.
 """
 import functools
-import importlib
 import inspect
 
 import torch
@@ -33,9 +32,6 @@ TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
 
 FAMILIES = ("flux", "sd3", "chroma", "qwen_image")
-_MODULES = {"flux": "comfy.text_encoders.flux", "sd3": "comfy.text_encoders.sd3_clip",
-            "chroma": "comfy.text_encoders.pixart_t5", "qwen_image": "comfy.text_encoders.qwen_image",
-            "stable_audio": "comfy.text_encoders.sa_t5"}  # stable_audio: build_unsupported_clip
 
 
 def _fork_sd3():
@@ -48,21 +44,17 @@ def _fork_sd3():
     return None if "model_options" in inspect.signature(comfy.sd.CLIP).parameters else comfy.sd3_clip
 
 
-def skip_reason(family):
-    """Why this host cannot build the family's text encoder (None when it can)."""
-    host.import_host()
-    import comfy.sd
+# the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
+_FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
+             "stable_audio": "stable_audio"}
 
+
+def skip_reason(family):
+    """Why this host cannot build the family's text encoder (None when it can): the host's one
+    skip reason (ae_testlib.host), except SD3, whose encoders the PyPI fork has too."""
     if family == "sd3" and _fork_sd3() is not None:
         return None
-    try:
-        importlib.import_module(_MODULES[family])
-    except ImportError:
-        return (f"this ComfyUI has no {_MODULES[family]} (upstream ComfyUI's {family} text encoder, built "
-                "tiny through model_options); it needs upstream ComfyUI")
-    if "model_options" not in inspect.signature(comfy.sd.CLIP).parameters:
-        return "this ComfyUI's CLIP takes no model_options (tiny text-encoder configs); needs upstream ComfyUI"
-    return None
+    return host.missing_reason((_FEATURES[family],))
 
 
 def require_dit_clip(family):

@@ -83,11 +83,14 @@ FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
     #        or "file:PATH" relative to the host root)
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
-    "chroma": ("Chroma DiT models", ["comfy.ldm.chroma.model"]),
+    "chroma": ("Chroma DiT models with their T5 text encoder",
+               ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
     "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",
             ["comfy.ldm.modules.diffusionmodules.mmdit", "comfy.text_encoders.sd3_clip"]),
     "qwen_image": ("Qwen-Image DiT models with the Qwen2.5-VL text encoder",
                    ["comfy.ldm.qwen_image.model", "comfy.text_encoders.qwen_image"]),
+    "stable_audio": ("Stable Audio's T5-base text encoder", ["comfy.text_encoders.sa_t5"]),
+    "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
     "server": ("the ComfyUI server with its web frontend (main.py, server.py, "
