@@ -80,7 +80,7 @@ class Frontend:
         """Load workflows/<name>.json as the template browser does; returns the loaded graph's layout."""
         self.page.evaluate("""async ([pack, name]) => {
           const app = %s;
-          const response = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
+          const response = await fetch(`/api/workflow_templates/${pack}/${name}.json`, {cache: 'no-store'});
           if (!response.ok) throw new Error(`template ${name}: HTTP ${response.status}`);
           await app.loadGraphData(await response.json(), true, true, name);
         }""" % APP, [pack, name])
@@ -97,6 +97,38 @@ class Frontend:
             '.p-dialog, .p-toast-message-error, .p-toast-message-warn'))
             .filter((e) => e.offsetParent !== null || e.getClientRects().length)
             .map((e) => e.innerText.trim().slice(0, 400))""")
+
+    def command(self, command_id):
+        """Run a frontend command (menu entry) by its id, e.g. Comfy.BrowseTemplates."""
+        self.page.evaluate(f"async (id) => await {APP}.extensionManager.command.execute(id)", command_id)
+
+    def graph_bounds(self):
+        """[x, y, width, height] around every node and group, in graph coordinates."""
+        return self.page.evaluate("""() => {
+          const app = %s;
+          const boxes = [...app.graph.nodes, ...app.graph.groups].map((item) => item.boundingRect);
+          const x0 = Math.min(...boxes.map((b) => b[0])), y0 = Math.min(...boxes.map((b) => b[1]));
+          const x1 = Math.max(...boxes.map((b) => b[0] + b[2])), y1 = Math.max(...boxes.map((b) => b[1] + b[3]));
+          return [x0, y0, x1 - x0, y1 - y0];
+        }""" % APP)
+
+    def fit_view(self, zoom=0.95):
+        """Fit the canvas view to all groups and nodes (as Fit View does for nodes); returns the
+        graph's box on the page, [x, y, width, height] in CSS pixels."""
+        box = self.page.evaluate("""(zoom) => {
+          const app = %s;
+          const boxes = [...app.graph.nodes, ...app.graph.groups].map((item) => item.boundingRect);
+          const x0 = Math.min(...boxes.map((b) => b[0])), y0 = Math.min(...boxes.map((b) => b[1]));
+          const x1 = Math.max(...boxes.map((b) => b[0] + b[2])), y1 = Math.max(...boxes.map((b) => b[1] + b[3]));
+          const ds = app.canvas.ds;
+          ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom});
+          app.canvas.setDirty(true, true);
+          const rect = app.canvas.canvas.getBoundingClientRect();
+          return [rect.left + (x0 + ds.offset[0]) * ds.scale, rect.top + (y0 + ds.offset[1]) * ds.scale,
+                  (x1 - x0) * ds.scale, (y1 - y0) * ds.scale];
+        }""" % APP, zoom)
+        self.page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        return box
 
     def graph_to_prompt(self):
         """The frontend's own conversion: {'output': API prompt, 'workflow': UI workflow}."""

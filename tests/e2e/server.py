@@ -38,13 +38,14 @@ def free_port():
 
 
 class Server:
-    def __init__(self, comfyui_path, base_directory):
+    def __init__(self, comfyui_path, base_directory, settings=None):
         self.comfyui_path = pathlib.Path(comfyui_path)
         self.base = pathlib.Path(base_directory)
         self.log_path = self.base / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
+        self.settings = {**SETTINGS, **(settings or {})}  # the frontend user's comfy.settings.json
 
     def prepare(self):
         custom_nodes = self.base / "custom_nodes"
@@ -54,7 +55,7 @@ class Server:
             link.symlink_to(PACK_ROOT, target_is_directory=True)
         settings = self.base / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(SETTINGS))
+        settings.write_text(json.dumps(self.settings))
         # a fresh user has no saved node templates; the frontend asks for the file (404 otherwise)
         (settings.parent / "comfy.templates.json").write_text("[]")
 
