@@ -42,7 +42,8 @@ class Frontend:
     def __init__(self, url, viewport=(1600, 1000)):
         self.url = url
         self.viewport = viewport
-        self.console_errors = []
+        self.console_errors = []  # errors of the page and of requests to the server
+        self.external_errors = []  # failed requests to other hosts (the frontend's own internet calls)
 
     def __enter__(self):
         sync_playwright = require_browser()
@@ -53,8 +54,7 @@ class Frontend:
                 self.profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
                 viewport={"width": self.viewport[0], "height": self.viewport[1]})
             self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
-            self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(
-                f"{m.text} ({m.location.get('url', '')})"))
+            self.page.on("console", self._console)
             self.page.on("pageerror", lambda e: self.console_errors.append(f"page error: {e}"))
             self.page.goto(self.url)
             # ready once the node definitions from /object_info are registered
@@ -68,10 +68,17 @@ class Frontend:
         return self
 
     def __exit__(self, *_):
-        for close in ("context", "playwright"):
-            if hasattr(self, close):
-                getattr(self, close).close() if close == "context" else self.playwright.stop()
+        if hasattr(self, "context"):
+            self.context.close()
+        self.playwright.stop()
         shutil.rmtree(self.profile, ignore_errors=True)
+
+    def _console(self, message):
+        if message.type != "error":
+            return
+        url = message.location.get("url") or ""
+        external = url.startswith("http") and not url.startswith(self.url)
+        (self.external_errors if external else self.console_errors).append(f"{message.text} ({url})")
 
     def node_types(self):
         return self.page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")

@@ -12,6 +12,7 @@ BUILDERS under the file name their loader node names.
 import os
 import pathlib
 import re
+import time
 
 import torch
 
@@ -186,8 +187,6 @@ def ensure(name, log=print):
     path = CACHE / GENERATOR_VERSION / folder / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        import time
-
         start = time.perf_counter()
         build(path)
         log(f"built {folder}/{name} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - start:.0f} s")

@@ -28,8 +28,6 @@ WORKFLOWS = {path.stem: json.loads(path.read_text()) for path in sorted((PACK_RO
 NAMES = list(WORKFLOWS)
 RUN_TIMEOUT = 300  # s per workflow on the 2-core CI machine
 PACK_MARKERS = ("attention-edit", "attention_edit", "AttentionEdit")
-# Console errors are checked for requests to this server; the frontend's own calls to the internet
-# (api.comfy.org) fail on a machine without it, whatever is loaded.
 # the pack's NODE_CLASS_MAPPINGS keys, read before Playwright's event loop runs (the loader awaits)
 PACK_CLASSES = sorted(registry.pack_nodes()[0])
 
@@ -59,6 +57,8 @@ def frontend(comfy):
         pytest.fail(str(error))
     with browser.Frontend(comfy.url) as page:
         page.startup_errors = list(page.console_errors)
+        report.NOTES.append(f"frontend startup console errors (fresh profile): {len(page.startup_errors)}: "
+                            + "; ".join(sorted(set(page.startup_errors)))[:800])
         yield page
 
 
@@ -159,7 +159,7 @@ def test_workflow_loads_converts_and_runs(comfy, frontend, name):
     start = time.perf_counter()
     converted = frontend.graph_to_prompt()
     times["convert"] = time.perf_counter() - start
-    new_errors = [e for e in frontend.console_errors[errors_before:] if comfy.url in e]
+    new_errors = frontend.console_errors[errors_before:]
     assert not new_errors, f"{name}: console errors while loading and converting: {new_errors}"
     api_prompt = converted["output"]
     expected = {str(n["id"]) for n in WORKFLOWS[name]["nodes"]
