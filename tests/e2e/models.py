@@ -17,7 +17,8 @@ import time
 import torch
 
 GENERATOR_VERSION = "1"
-CACHE = pathlib.Path(os.environ.get("ATTENTION_EDIT_E2E_CACHE", pathlib.Path.home() / ".cache" / "attention-edit" / "e2e"))
+CACHE = pathlib.Path(os.environ.get("ATTENTION_EDIT_E2E_CACHE",
+                                    pathlib.Path.home() / ".cache" / "attention-edit" / "e2e"))
 DTYPE = torch.float16
 # a widget value naming a file the server must have (model, LoRA, input image)
 FILE_VALUE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|sft|gguf|png|jpe?g|webp)$", re.IGNORECASE)
@@ -114,7 +115,8 @@ def kohya_lora(path, rank=4):
     key_map.update(comfy.lora.model_lora_keys_clip(clip, {}))
     shapes = {**{k: v.shape for k, v in model.state_dict().items()},
               **{k: v.shape for k, v in clip.state_dict().items()}}
-    attention = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_.*_attn[12]_to_(q|k|v|out_0)$|^lora_te_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj$")
+    attention = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_.*_attn[12]_to_(q|k|v|out_0)$"
+                           r"|^lora_te_text_model_encoder_layers_\d+_self_attn_(q|k|v|out)_proj$")
     generator = torch.Generator().manual_seed(0)
     state_dict = {}
     for lora_key, weight_key in sorted(key_map.items()):
@@ -173,7 +175,8 @@ def files_named(workflow):
 
 
 def check_known(workflows):
-    """{workflow name: UI workflow}: every model/input file a workflow names has a builder, or a clear error saying where to add one."""
+    """{workflow name: UI workflow}: every model or input file a workflow names has a builder;
+    otherwise a clear error that says where to add one."""
     unknown = {f"{workflow_name}: {name}" for workflow_name, workflow in workflows.items()
                for name in files_named(workflow) if name not in BUILDERS}
     if unknown:
