@@ -76,7 +76,7 @@ def main():
                     out = render(frontend, name)
                     print(f"{out.relative_to(PACK_ROOT)}: {out.stat().st_size // 1024} KiB")
                 if args.browser_screenshot:
-                    frontend.page.set_viewport_size({"width": 1600, "height": 1000})
+                    frontend.page.set_viewport_size({"width": 1600, "height": 1400})  # both rows of cards
                     frontend.command("Workspace.ToggleFocusMode")
                     screenshot_template_browser(frontend, args.browser_screenshot)
                     print(f"template browser: {args.browser_screenshot}")
