@@ -1,0 +1,1 @@
+"""End-to-end tests on a real ComfyUI server and its web frontend (upstream host only)."""
