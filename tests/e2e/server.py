@@ -24,11 +24,8 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 
 def upstream_host():
     """(ComfyUI folder, None) on a host that has the server and frontend, else (None, why not)."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (pathlib.Path(path) / "main.py").is_file():
-        return None, ("needs the upstream ComfyUI host (COMFYUI_PATH pointing at a ComfyUI checkout "
-                      "with main.py, its server and frontend); this host has none")
-    return pathlib.Path(path).resolve(), None
+    why_not = host.missing_reason(("server",))
+    return (None, why_not) if why_not else (host.host_root(), None)
 
 
 def free_port():

@@ -13,16 +13,16 @@ import time
 
 import pytest
 
-from e2e import server as e2e_server
+from ae_testlib import host
 
-COMFYUI, WHY_NOT = e2e_server.upstream_host()
-if COMFYUI is None:
-    pytest.skip(WHY_NOT, allow_module_level=True)
+host.module_requires("server")
 
+from e2e import server as e2e_server  # noqa: E402
 from ae_testlib import registry  # noqa: E402
 from ae_testlib.pack import PACK_ROOT  # noqa: E402
 from e2e import browser, models, prompt as cheap_prompt, report  # noqa: E402
 
+COMFYUI, _ = e2e_server.upstream_host()
 PACK = e2e_server.PACK_FOLDER
 WORKFLOWS = {path.stem: json.loads(path.read_text()) for path in sorted((PACK_ROOT / "workflows").glob("*.json"))}
 NAMES = list(WORKFLOWS)
@@ -38,7 +38,7 @@ def comfy():
     server = e2e_server.Server(COMFYUI, base.name)
     try:
         models.check_known(WORKFLOWS)
-        names = set().union(*(models.files_named(w) for w in WORKFLOWS.values()))
+        names = set().union(*(models.files_named(w) for w in WORKFLOWS.values() if not models.not_runnable(w)))
         models.install(names, base.name, log=report.NOTES.append)
         start = time.perf_counter()
         server.start()
@@ -174,6 +174,10 @@ def test_workflow_loads_converts_and_runs(comfy, frontend, name):
                 if n["type"] not in ("Note", "MarkdownNote")}
     assert set(api_prompt) == expected, f"{name}: graphToPrompt gave nodes {sorted(api_prompt)}"
 
+    why_not = models.not_runnable(WORKFLOWS[name])
+    if why_not:  # loaded and converted above; its nodes run on tiny models in the pytest suite
+        times["result"] = f"loaded + converted; not run here: {why_not}"
+        return
     log_start = len(comfy.log())
     try:
         entry, times["run"] = comfy.run_prompt(cheap_prompt.cheap(api_prompt), RUN_TIMEOUT)
