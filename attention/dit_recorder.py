@@ -171,6 +171,9 @@ class DiTRecorder(AttentionRecorder):
         if rows is None:
             return None
         layout = layout_of(x, context, self.diffusion_model)
+        height, width = self.grid
+        if layout.n_img != height * width:
+            return None  # an area-conditioned chunk (ComfyUI crops x to the area), not the whole image
         if self.n_tokens is None:
             self.n_tokens = context.shape[1]
         if context.shape[1] < self.n_tokens:

@@ -417,3 +417,20 @@ def test_two_positive_conds_are_both_recorded():
     assert max(len(c[3]) for c in spy.calls) == 3  # one call held both positive chunks and the negative
     expected = brute_force(spy.calls[1::4], N_TOKENS, 15, normalise="text")
     assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
+
+
+def test_area_conditioning_records_the_whole_image_calls_only():
+    """A Conditioning (Set Area) cond makes ComfyUI run its own, cropped forward: the maps count the
+    whole-image calls only (as the UNet recorder skips area chunks)."""
+    model = dit_host.model("flux")
+    full = dit_host.conditioning(N_TOKENS, 1)
+    area = [[c, {**d, "area": (4, 6, 0, 0), "strength": 1.0}] for c, d in dit_host.conditioning(N_TOKENS, 3)]
+    negative = dit_host.conditioning(N_TOKENS, 2)
+    for positive in (full + area, area + full):
+        spy = SpyOverride()
+        _, maps = recording(with_override(model, spy), positive, negative, dit_host.latent("flux"),
+                            dit_blocks=ALL_BLOCKS["flux"])
+        whole = [c for c in spy.calls if c[0].shape[2] >= N_TOKENS + 15]
+        assert len(whole) < len(spy.calls)  # the cropped area forward ran, and was left out
+        expected = brute_force(whole, N_TOKENS, 15, normalise="text")
+        assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
