@@ -91,7 +91,10 @@ def parse_blocks(spec, family, diffusion_model):
         else:
             bounds = [int(b) for b in match.group(2).replace(" ", "").split("-")]
             indices = range(bounds[0], bounds[-1] + 1)
-            if bounds[-1] >= depth or bounds[0] > bounds[-1]:
+            if bounds[0] > bounds[-1]:
+                raise ValueError(f"dit_blocks: {item!r} runs backwards; write the lower block first "
+                                 f"('{bounds[-1]}-{bounds[0]}')")
+            if bounds[-1] >= depth:
                 raise ValueError(f"dit_blocks: {item!r} is outside {family.name}'s {kind} blocks 0-{depth - 1}")
         chosen.extend((f"{kind}_block", i) for i in indices if (f"{kind}_block", i) not in chosen)
     return chosen

@@ -9,6 +9,14 @@ PARTS = {"down + up": ("input", "output"), "down + mid + up": ("input", "middle"
          "up": ("output",), "down": ("input",), "mid": ("middle",)}
 
 
+def choice(options, value, input_name):
+    """options[value] for a COMBO input; the UI only offers valid values, Python and API callers
+    get an error naming the input and its choices."""
+    if value not in options:
+        raise ValueError(f"'{input_name}' must be one of {list(options)}, got {value!r}")
+    return options[value]
+
+
 def sampler_inputs():
     """KSampler's own inputs (same names, same choices)."""
     import comfy.samplers

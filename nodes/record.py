@@ -6,7 +6,7 @@ from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..samplers.record import sample_recording
-from .common import (CATEGORY, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, dit_blocks_input,
+from .common import (CATEGORY, choice, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, dit_blocks_input,
                      normalisation_input, parts_input, resolution_input, sampler_inputs)
 
 
@@ -31,9 +31,9 @@ class KSamplerRecordAttention:
     def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
             denoise, resolution, layers, branch, dit_blocks="", normalisation=next(iter(NORMALISATIONS))):
         return sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                latent_image, denoise=denoise, level=LEVELS[resolution],
-                                parts=PARTS[layers], branch=branch, dit_blocks=dit_blocks,
-                                normalise=NORMALISATIONS[normalisation])
+                                latent_image, denoise=denoise, level=choice(LEVELS, resolution, "resolution"),
+                                parts=choice(PARTS, layers, "layers"), branch=branch, dit_blocks=dit_blocks,
+                                normalise=choice(NORMALISATIONS, normalisation, "normalisation"))
 
 
 def _words_or_all(maps, words):

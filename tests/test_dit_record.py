@@ -320,6 +320,8 @@ def test_block_choice_and_errors():
         families.parse_blocks("single 0", sd3, sd3_24)
     with pytest.raises(ValueError, match="outside"):
         families.parse_blocks("30", sd3, sd3_24)
+    with pytest.raises(ValueError, match=r"backwards; write the lower block first \('15-18'\)"):
+        families.parse_blocks("18-15", sd3, sd3_24)
     with pytest.raises(ValueError, match="cannot read"):
         families.parse_blocks("blocks please", sd3, sd3_24)
 

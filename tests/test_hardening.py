@@ -436,3 +436,9 @@ def test_magedit_injection_errors_name_the_node_inputs():
     for field, name in (("cross_fraction", "cross_injection"), ("self_fraction", "self_injection")):
         with pytest.raises(ValueError, match=f"'{name}' must be in \\[0, 1\\]"):
             magedit.MagEditConfig(**{field: 1.2}).validate()
+
+
+@pytest.mark.parametrize("name, value", [("resolution", "16x16"), ("layers", "all"), ("normalisation", "text")])
+def test_record_combo_value_not_offered_is_an_error_naming_the_input(name, value):
+    with pytest.raises(ValueError, match=f"'{name}' must be one of .*got '{value}'"):
+        call("AttentionEditKSamplerRecord", **inputs("AttentionEditKSamplerRecord", **{name: value}))
