@@ -17,7 +17,7 @@ import torch
 from .dit_families import layout_of, parse_blocks, require_family
 from .dit_kernel import (bind_attention_args, fused_attention, fused_available, heads_first,
                          logsumexp_rows, text_probabilities)
-from .layers import level_grid
+from .layers import ChainedPatch, level_grid
 from .recorder import AttentionRecorder
 
 NORMALISATIONS = ("text", "joint")
@@ -44,21 +44,12 @@ def _branch_rows(chunks, branch, batch, device):
     return torch.tensor(index, device=device), len(picked)
 
 
-class _Shared:
-    """Base of the pack's DiT hooks: ModelPatcher.clone() deep-copies model_options, and a copy
-    would record into a stranger; ComfyUI moves patch objects that have .to()."""
+class _Shared(ChainedPatch):
+    """Base of the pack's DiT hooks: each wraps what was there before and records into `recorder`."""
 
     def __init__(self, recorder, inner):
+        super().__init__(inner)
         self.recorder = recorder
-        self.inner = inner
-
-    def to(self, device):
-        if self.inner is not None and hasattr(self.inner, "to"):
-            self.inner = self.inner.to(device)
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 class _BlockTag(_Shared):

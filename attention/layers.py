@@ -132,21 +132,12 @@ def comfy_attention(q, k, v, extra_options):
     return function(q, k, v, extra_options["n_heads"], **kwargs)
 
 
-class ReplacePatch:
-    """Base for the pack's replace patches: composes with an inner patch and with ComfyUI's
-    device moves and model clones.
-
-    Subclasses implement __call__(q, k, v, extra_options) and use `self.attend` for the output
-    the layer would give without them.
-    """
+class ChainedPatch:
+    """Base of the pack's patches and hooks that wrap what another node set (`inner`, or None):
+    they compose with ComfyUI's device moves and model clones."""
 
     def __init__(self, inner=None):
         self.inner = inner
-
-    def attend(self, q, k, v, extra_options):
-        if self.inner is not None:
-            return self.inner(q, k, v, extra_options)
-        return comfy_attention(q, k, v, extra_options)
 
     def to(self, device):
         # ComfyUI moves patch objects that have .to(); forward it to the wrapped patch.
@@ -157,3 +148,17 @@ class ReplacePatch:
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; a copy would record into a stranger.
         return self
+
+
+class ReplacePatch(ChainedPatch):
+    """Base for the pack's replace patches: composes with an inner patch and with ComfyUI's
+    device moves and model clones.
+
+    Subclasses implement __call__(q, k, v, extra_options) and use `self.attend` for the output
+    the layer would give without them.
+    """
+
+    def attend(self, q, k, v, extra_options):
+        if self.inner is not None:
+            return self.inner(q, k, v, extra_options)
+        return comfy_attention(q, k, v, extra_options)
