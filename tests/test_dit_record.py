@@ -436,3 +436,25 @@ def test_area_conditioning_records_the_whole_image_calls_only():
         assert len(whole) < len(spy.calls)  # the cropped area forward ran, and was left out
         expected = brute_force(whole, N_TOKENS, 15, normalise="text")
         assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen"])
+def test_planting_helper_biases_what_the_hooks_see(family):
+    """ae_testlib.dit_plant (the editing tests' planted regions) reaches the recorder's hook on
+    every family; the model it was cloned from stays unplanted."""
+    from ae_testlib import dit_plant
+
+    nodes = pack_module("nodes.record")
+    region = dit_plant.region_mask((12, 16), slice(3, 9), slice(4, 12))
+    tokens = tokens_mod.PromptTokens(text=" ".join(PLANT_WORDS), token_strings=list(PLANT_WORDS),
+                                     words=[tokens_mod.Word(w, (i,)) for i, w in enumerate(PLANT_WORDS)])
+    base = dit_host.model(family)
+    planted = dit_plant.plant(base, region, [PLANT_WORDS.index("cat")], beta=8.0)
+    positive, negative = dit_host.conditioning(7, 1, tokens=tokens), dit_host.conditioning(7, 2)
+    latent = dit_host.latent(family, 1, 24, 32)
+    _, maps = recording(planted, positive, negative, latent, cfg=1.0, steps=4)
+    mask = nodes.AttentionMask().run(maps, "cat", 1.0, 0.5, "union")[0]
+    expected = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert dit_plant.iou(mask[0] > 0.5, expected) >= 0.9
+    assert dit_plant.WRAPPER_KEY not in str(base.wrappers)
+    assert not torch.equal(plain(planted, positive, negative, latent, cfg=1.0), plain(base, positive, negative, latent, cfg=1.0))

@@ -1,0 +1,90 @@
+"""Plant meaningful attention in a random-weight DiT: bias the real joint-attention logits between
+chosen prompt tokens and a chosen region of the generated image's tokens.
+
+Random weights attend nowhere in particular, so a method that finds a word's region from attention
+has nothing to find. `plant(model, ...)` returns a clone whose every joint attention call gets an
+additive bias `beta` on the logits [image token in region, word token] (the attention-mask argument
+ComfyUI's kernels take, so the model, and any hook that reads the call, sees the planted logits).
+
+It is installed through ComfyUI's own hooks and stays outside every other: an APPLY_MODEL wrapper
+replaces, for the length of each forward, `transformer_options["optimized_attention_override"]`
+by a planting override that adds the bias to the call's mask and then calls the override that was
+there (the method's own, installed later on a clone of this clone) or ComfyUI's kernel. So a
+method's hooks see the planted bias exactly as they would see a real attention-mask cond.
+"""
+import torch
+
+from .pack import pack_module
+
+WRAPPER_KEY = "attention_edit_test_plant"
+
+
+class _PlantingOverride:
+    def __init__(self, bias_of, inner):
+        self.bias_of = bias_of  # (q_len, batch, dtype, device) -> additive bias [B, 1, L, L] or None
+        self.inner = inner
+
+    def __call__(self, func, *args, **kwargs):
+        kernel = pack_module("attention.dit_kernel")
+        call = kernel.bind_attention_args(args, kwargs)
+        q, _, _, mask = kernel.heads_first(call)
+        bias = self.bias_of(q.shape[2], q.shape[0], q.dtype, q.device)
+        if bias is not None:
+            bias = bias if mask is None else mask + bias
+            if len(args) > 4:  # mask passed positionally (Qwen); the kernels name q, k, v differently
+                args = args[:4] + (bias,) + args[5:]
+            else:
+                kwargs = {**kwargs, "mask": bias}
+        if self.inner is not None:
+            return self.inner(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def plant(model, region, token_columns, beta=8.0, branches=(0,)):
+    """A clone of `model` (a DiT ModelPatcher) that adds `beta` to the logits between the image
+    tokens where `region` ([h/2, w/2] bool, the token grid; or [B, h/2, w/2] per batch row) is
+    True and the prompt tokens `token_columns` (positions in the conditioning), in the batch rows
+    of the conds listed in `branches` (0 = positive, 1 = negative; `cond_or_uncond` values)."""
+    import comfy.patcher_extension
+
+    families = pack_module("attention.dit_families")
+    columns = list(token_columns)
+    diffusion_model = model.model.diffusion_model
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        layout = families.layout_of(x, c_crossattn, diffusion_model)
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        per_chunk = x.shape[0] // len(chunks)
+        planted_rows = torch.tensor([kind in branches for kind in chunks for _ in range(per_chunk)])
+        grid = region if region.ndim == 3 else region.expand(per_chunk, *region.shape)
+        grid = grid.repeat(len(chunks), 1, 1)  # batch row b of each chunk gets region[b]
+
+        def bias_of(length, batch, dtype, device):
+            if length < layout.n_txt + layout.n_img or batch != x.shape[0]:
+                return None  # image-only attention (SD3.5's extra self-attention)
+            bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
+            values = grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)
+            for column in columns:
+                bias[:, 0, layout.image_rows, layout.prompt_start + column] = values.to(device)
+            return bias
+
+        options = dict(transformer_options)
+        options["optimized_attention_override"] = _PlantingOverride(
+            bias_of, transformer_options.get("optimized_attention_override"))
+        return executor(x, t, c_concat, c_crossattn, control, options, **kw)
+
+    planted = model.clone()
+    planted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+    return planted
+
+
+def region_mask(grid, rows, cols, batch=None):
+    """A [h, w] (or [batch, h, w]) bool token grid, True on rows x cols (slices)."""
+    region = torch.zeros(grid, dtype=torch.bool)
+    region[rows, cols] = True
+    return region if batch is None else region.expand(batch, *grid).clone()
+
+
+def iou(found, expected):
+    found, expected = found.bool(), expected.bool()
+    return float((found & expected).sum() / (found | expected).sum().clamp(min=1))
