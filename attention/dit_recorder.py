@@ -18,7 +18,7 @@ from .dit_families import layout_of, parse_blocks, require_family
 from .dit_kernel import (bind_attention_args, fused_attention, fused_available, heads_first,
                          logsumexp_rows, text_probabilities)
 from .layers import ChainedPatch, level_grid
-from .recorder import AttentionRecorder
+from .recorder import AttentionRecorder, branch_rows
 
 NORMALISATIONS = ("text", "joint")
 WRAPPER_KEY = "attention_edit_record"
@@ -31,17 +31,6 @@ class _Forward:
     layout: object  # dit_families.Layout
     rows: object  # slice or index tensor of the batch rows of the recorded branch
     chunks: int  # how many cond chunks of that branch the rows hold
-
-
-def _branch_rows(chunks, branch, batch, device):
-    per_chunk = batch // len(chunks)
-    picked = [i for i, kind in enumerate(chunks) if kind == branch]
-    if not picked:
-        return None, 0
-    if picked == list(range(picked[0], picked[-1] + 1)):  # contiguous: a view, no copy
-        return slice(picked[0] * per_chunk, (picked[-1] + 1) * per_chunk), len(picked)
-    index = [i * per_chunk + j for i in picked for j in range(per_chunk)]
-    return torch.tensor(index, device=device), len(picked)
 
 
 class _Shared(ChainedPatch):
@@ -94,10 +83,12 @@ class _AttentionOverride(_Shared):
             lse = lse[rows][:, :, layout.image_rows]
         else:
             out = self._run(func, args, kwargs)
+        # the branch's rows: a view when they are contiguous, else one copy (index tensor), made once
+        q_rows, k_rows = q[rows], k[rows]
         mask_rows = None if mask is None else (mask[rows] if mask.shape[0] > 1 else mask)
         if recorder.normalise == "joint" and lse is None:
-            lse = logsumexp_rows(q[rows], k[rows], v[rows], mask_rows, layout.image_rows)
-        recorder.observe_joint(forward, q[rows], k[rows], mask_rows, lse)
+            lse = logsumexp_rows(q_rows, k_rows, v[rows], mask_rows, layout.image_rows)
+        recorder.observe_joint(forward, q_rows, k_rows, mask_rows, lse)
         return out
 
 
@@ -157,7 +148,7 @@ class DiTRecorder(AttentionRecorder):
             if step is None or step not in self.steps:
                 return None
             self.steps_seen.add(step)
-        rows, chunks = _branch_rows(transformer_options.get("cond_or_uncond") or [0], self.branch,
+        rows, chunks = branch_rows(transformer_options.get("cond_or_uncond") or [0], self.branch,
                                     x.shape[0], x.device)
         if rows is None:
             return None

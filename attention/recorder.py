@@ -56,6 +56,20 @@ class _RecordingPatch(ReplacePatch):
         return out
 
 
+def branch_rows(chunks, branch, batch, device):
+    """(rows, count): the batch rows of every chunk of cond `branch` in a call whose chunks are
+    `chunks` (cond_or_uncond), as a slice (a view) when they are contiguous, else an index
+    tensor; (None, 0) when the call has none."""
+    per_chunk = batch // len(chunks)
+    picked = [i for i, kind in enumerate(chunks) if kind == branch]
+    if not picked:
+        return None, 0
+    if picked == list(range(picked[0], picked[-1] + 1)):
+        return slice(picked[0] * per_chunk, (picked[-1] + 1) * per_chunk), len(picked)
+    index = [i * per_chunk + j for i in picked for j in range(per_chunk)]
+    return torch.tensor(index, device=device), len(picked)
+
+
 class AttentionRecorder:
     """Running mean of cross-attention maps over chosen layers, steps, branch and tokens.
 
@@ -119,21 +133,17 @@ class AttentionRecorder:
             if step is None or step not in self.steps:
                 return
             self.steps_seen.add(step)
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        per_chunk = q.shape[0] // len(chunks)
-        rows = [i for i, kind in enumerate(chunks) if kind == self.branch]
-        if not rows:
+        rows, count = branch_rows(extra_options.get("cond_or_uncond") or [0], self.branch, q.shape[0], q.device)
+        if rows is None:
             return
-        q_rows = torch.cat([q[i * per_chunk:(i + 1) * per_chunk] for i in rows])
-        k_rows = torch.cat([k[i * per_chunk:(i + 1) * per_chunk] for i in rows])
         if self.n_tokens is None:
             self.n_tokens = k.shape[1]
-        probs = fold_tokens(attention_probs(q_rows, k_rows, extra_options["n_heads"]), self.n_tokens)
-        probs = probs.reshape(len(rows), per_chunk, *probs.shape[1:]).sum(0)
+        probs = fold_tokens(attention_probs(q[rows], k[rows], extra_options["n_heads"]), self.n_tokens)
+        probs = probs.reshape(count, -1, *probs.shape[1:]).sum(0)
         if self.total is None:
             self.total = torch.zeros_like(probs)
         self.total += probs
-        self.count += len(rows)
+        self.count += count
 
     def mean(self):
         """Mean map so far, [batch, h, w, tokens], or None before anything was recorded."""

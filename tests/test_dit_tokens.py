@@ -149,7 +149,8 @@ def test_long_prompts_are_one_sequence_except_sd3_clip_part(family_name, comfy_h
     last = pt.positions("word59")
     if family_name == "sd3":
         clip_stop = pt.part("CLIP-L/G")[1]
-        assert pt.n_chunks == clip_stop // 77 == 3 and pt.n_tokens == clip_stop + pt.part("T5-XXL")[1] - clip_stop
+        assert pt.n_chunks == clip_stop // 77 == 3
+        assert pt.n_tokens == len(conditioning_axis_ids(clip, family_name, text))  # 3 CLIP chunks + T5
         assert last[0] > 154 and last[-1] > clip_stop  # third CLIP chunk, and in the T5 part
         with pytest.raises(tokens.PromptLengthError, match="SD3 / SD3.5.*CLIP-L/G part"):
             pt.require_single_chunk("InstDiffEdit")
