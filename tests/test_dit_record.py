@@ -343,6 +343,12 @@ def test_map_memory_does_not_grow_with_steps():
 PLANT_WORDS = "a photo of a cat on grass".split()
 
 
+def plant_tokens():
+    """Annotated prompt tokens of PLANT_WORDS, one token per word."""
+    return tokens_mod.PromptTokens(text=" ".join(PLANT_WORDS), token_strings=list(PLANT_WORDS),
+                                   words=[tokens_mod.Word(w, (i,)) for i, w in enumerate(PLANT_WORDS)])
+
+
 def planted_maps(beta, normalise, seed=1):
     """Flux sampled with an attention-mask cond (ComfyUI's own attention-bias path) that adds
     `beta` to the logits between the word "cat" and a block of image tokens."""
@@ -353,8 +359,7 @@ def planted_maps(beta, normalise, seed=1):
     length = n_txt + grid[0] * grid[1]
     bias = torch.zeros(1, length, length)
     bias[0, n_txt:, PLANT_WORDS.index("cat")] = region.flatten().float() * beta
-    tokens = tokens_mod.PromptTokens(text=" ".join(PLANT_WORDS), token_strings=list(PLANT_WORDS),
-                                     words=[tokens_mod.Word(w, (i,)) for i, w in enumerate(PLANT_WORDS)])
+    tokens = plant_tokens()
     positive = dit_host.conditioning(n_txt, seed, tokens=tokens, attention_mask=bias, attention_mask_img_shape=grid)
     _, maps = recording(dit_host.model("flux"), positive, dit_host.conditioning(n_txt, 2),
                         dit_host.latent("flux", 1, height, width), cfg=1.0, steps=4, normalise=normalise)
@@ -366,9 +371,9 @@ def planted_iou(beta, normalise, seed=1):
     maps, region = planted_maps(beta, normalise, seed)
     mask = nodes.AttentionMask().run(maps, "cat", 1.0, 0.5, "union")[0]
     assert mask.shape == (1, 8 * 24, 8 * 32)
-    expected = region.repeat_interleave(16, 0).repeat_interleave(16, 1)
-    found = mask[0] > 0.5
-    return float((found & expected).sum() / (found | expected).sum())
+    from ae_testlib import dit_plant
+
+    return dit_plant.iou(mask[0] > 0.5, region.repeat_interleave(16, 0).repeat_interleave(16, 1))
 
 
 def test_planted_region_is_recovered_by_attention_mask():
@@ -446,8 +451,7 @@ def test_planting_helper_biases_what_the_hooks_see(family):
 
     nodes = pack_module("nodes.record")
     region = dit_plant.region_mask((12, 16), slice(3, 9), slice(4, 12))
-    tokens = tokens_mod.PromptTokens(text=" ".join(PLANT_WORDS), token_strings=list(PLANT_WORDS),
-                                     words=[tokens_mod.Word(w, (i,)) for i, w in enumerate(PLANT_WORDS)])
+    tokens = plant_tokens()
     base = dit_host.model(family)
     planted = dit_plant.plant(base, region, [PLANT_WORDS.index("cat")], beta=8.0)
     positive, negative = dit_host.conditioning(7, 1, tokens=tokens), dit_host.conditioning(7, 2)

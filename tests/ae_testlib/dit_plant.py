@@ -63,9 +63,9 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,)):
             if length < layout.n_txt + layout.n_img or batch != x.shape[0]:
                 return None  # image-only attention (SD3.5's extra self-attention)
             bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
-            values = grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)
+            values = (grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)).to(device)
             for column in columns:
-                bias[:, 0, layout.image_rows, layout.prompt_start + column] = values.to(device)
+                bias[:, 0, layout.image_rows, layout.prompt_start + column] = values
             return bias
 
         options = dict(transformer_options)
