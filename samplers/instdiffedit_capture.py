@@ -7,7 +7,7 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 
 - UNet (the official setting): cross-attention of the 1/4-size layers (down + up), the start token
   is column 0, and 4x the 1/4 grid is the latent (cropped where the grid rounded up).
-- DiT (Flux, Chroma, SD3 / SD3.5, Qwen-Image): the joint attention's image -> text rows of the
+- DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see below): the joint attention's image -> text rows of the
   late double / joint blocks (dit_families.default_blocks, the Record Attention default) at the
   token grid, latent / 2. The start map is the mean over the *end tokens*: CLIP's start token where
   the encoder has one (SD3's CLIP part), else the tokens after the prompt that belong to no word
@@ -116,12 +116,28 @@ def start_columns(tokens):
     return after
 
 
+# Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
+# map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
+UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
+                              "reliable start map (docs/instdiffedit.md, 'DiT models')"}
+
+
+def _dit_capture(family_name, tokens, input_name):
+    if family_name in UNSUPPORTED_DITS:
+        raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
+    return DiTCapture(tokens, input_name)
+
+
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
-    return DiTCapture(tokens) if family_of(model) is not None else UNetCapture(tokens)
+    family = family_of(model)
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
 
 
 def capture_for_maps(maps):
     """The adapter that reads these ATTENTION_MAPS (recorded from a DiT or a UNet)."""
-    kind = DiTCapture if maps.family is not None else UNetCapture
-    return kind(maps.require_tokens(), "attention_maps")
+    tokens = maps.require_tokens()
+    if maps.family is None:
+        return UNetCapture(tokens, "attention_maps")
+    return _dit_capture(maps.family, tokens, "attention_maps")

@@ -196,3 +196,11 @@ def test_nodes_on_qwen_image_latents(prompt_tokens):
     expected_mask = direct.to_latent(direct.refine(maps.probs, (0.9, 0.6, 0.2)).mask, (height, width))
     assert torch.equal(from_maps[:, ::8, ::8], expected_mask)
     assert all(dit_plant.iou(expected_mask[b], expected[b]) >= 0.9 for b in range(2))
+
+
+def test_chroma_is_refused_with_the_reason():
+    """Chroma's prompt ends in one </s> and no padding: no reliable start map, so a clear error."""
+    dit_text.require_dit_clip("chroma")
+    tokens = tokens_mod.prompt_tokens(dit_text.build_dit_clip("chroma"), PROMPT)
+    with pytest.raises(TypeError, match=r"^InstDiffEdit does not support Chroma yet: .*single end token.*Flux"):
+        edit(dit_host.model("chroma"), tokens, source(1, 16, 16))
