@@ -1,5 +1,9 @@
 """InstDiffEdit (Zou et al., AAAI 2024) as a ComfyUI sampling procedure.
 
+Below, "cross-attention at 1/4 of the latent" is the UNet case; on DiT models (Flux, SD3,
+Qwen-Image) the maps are the joint attention's image -> text rows at the token grid, with an
+end-token start map (samplers/instdiffedit_capture.py). The loop itself is the same.
+
 The source latent is repeated `copies` times per image, each copy noised with its own noise to
 strength r, and denoised with any ComfyUI sampler and scheduler towards the target prompt while
 the cond branch's cross-attention at 1/4 of the latent (the official "16x16" layers, down + up)

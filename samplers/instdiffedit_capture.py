@@ -1,4 +1,4 @@
-"""Where InstDiffEdit reads its attention, per model kind: one small adapter each for UNets and DiTs.
+"""Where InstDiffEdit reads its attention: one small adapter per model kind (UNet, DiT).
 
 The mask refinement (masks/instdiffedit.py) takes maps over [start token, prompt tokens...] and
 an EOS column, enlarges them 4x, blurs and thresholds. What changes between model kinds is only
@@ -7,14 +7,15 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 
 - UNet (the official setting): cross-attention of the 1/4-size layers (down + up), the start token
   is column 0, and 4x the 1/4 grid is the latent (cropped where the grid rounded up).
-- DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see below): the joint attention's image -> text rows of the
-  late double / joint blocks (dit_families.default_blocks, the Record Attention default) at the
-  token grid, latent / 2. The start map is the mean over the *end tokens*: CLIP's start token where
-  the encoder has one (SD3's CLIP part), else the tokens after the prompt that belong to no word
-  (T5's </s> and padding on Flux, Qwen's closing template). Like CLIP's start token they carry no
-  word and collect the attention the words leave, so 1 - their map marks the foreground. The maps
-  are enlarged 4x as the official code does (the blur then spans the same half map cell), which
-  is 2x the latent; a latent pixel is edited when at least half of its 2 x 2 mask pixels are.
+- DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
+  attention's image -> text rows of the late double / joint blocks (dit_families.default_blocks,
+  the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
+  *end tokens*: CLIP's start token where the encoder has one (SD3's CLIP part), else the tokens
+  after the prompt that belong to no word (T5's </s> and padding on Flux, Qwen's closing
+  template). Like CLIP's start token they carry no word and collect the attention the words
+  leave, so 1 - their map marks the foreground. The maps are enlarged 4x as the official code
+  does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
+  edited when at least half of its 2 x 2 mask pixels are.
 """
 import torch
 import torch.nn.functional as F
