@@ -120,6 +120,7 @@ class DiTRecorder(AttentionRecorder):
         import comfy.patcher_extension
 
         family = require_family(model_clone)
+        self.family = family.name
         self.diffusion_model = model_clone.model.diffusion_model
         self.blocks = parse_blocks(self.blocks_spec, family, self.diffusion_model)
         self.latent_hw = tuple(latent_hw)

@@ -18,6 +18,7 @@ class AttentionMaps:
     latent_hw: tuple  # latent (H, W); the image is 8x that
     level: int  # maps are latent / 2**level
     no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
+    family: Optional[str] = None  # the DiT family recorded (dit_families.Family.name); None: a UNet
 
     def __post_init__(self):
         # Small maps, checked once: NaN maps would give empty masks and black heatmaps silently.

@@ -80,6 +80,8 @@ class AttentionRecorder:
     n_tokens: the recorded prompt's token count; keys of longer batched contexts are folded to it.
     """
 
+    family = None  # the DiT family the maps come from (DiTRecorder); None for UNet layers
+
     def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
             raise ValueError(f"'branch' must be one of {list(BRANCHES)}, got {branch!r}")
@@ -163,4 +165,4 @@ class AttentionRecorder:
                 "negative (uncond) branch, that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
             )
         return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level,
-                             no_words=no_words)
+                             no_words=no_words, family=self.family)

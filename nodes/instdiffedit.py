@@ -55,7 +55,8 @@ class InstDiffEdit:
 
         samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL, or Flux, SD3 / SD3.5, Qwen-Image "
+                      "(their joint attention gives the mask; docs/instdiffedit.md)."}),
             "positive": ("CONDITIONING", {"tooltip":
                          "The target prompt (what the edited image shows, e.g. 'a photo of a "
                          "raccoon') from Attention Text Encode: the mask comes from its words."}),
@@ -68,7 +69,9 @@ class InstDiffEdit:
                       "x 0.5 = 25 steps)."}),
             "strength": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
                          "How far the source is noised before denoising (official 0.5)."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance (official 7.5). Flux dev is "
+                              "guidance-distilled: use 1 and FluxGuidance on the prompt."}),
             "sampler_name": (samplers, {"default": "lms" if "lms" in samplers else samplers[0]}),
             "scheduler": (schedulers, {"default": "normal" if "normal" in schedulers else schedulers[0]}),
             "copies": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip":
@@ -90,7 +93,8 @@ class InstDiffEdit:
         "InstDiffEdit (AAAI 2024): denoises the noised source towards the target prompt, builds a "
         "mask from the prompt's cross-attention at every step and keeps the source outside it. "
         "Outputs the blended latent (one per image), the final mask at image size (feed it to an "
-        "inpainting workflow, as the paper does) and a strip of the per-step masks.")
+        "inpainting workflow, as the paper does) and a strip of the per-step masks. Runs on SD1.x, "
+        "SD2.x, SDXL and on the DiT models Flux, SD3 / SD3.5 and Qwen-Image.")
 
     def run(self, model, positive, negative, source, seed, steps, strength, cfg, sampler_name,
             scheduler, copies, theta_hi, theta_lo, phi, background_noise):
@@ -109,8 +113,9 @@ class InstDiffEditMask:
     def INPUT_TYPES(cls):
         return {"required": {
             "attention_maps": ("ATTENTION_MAPS", {"tooltip":
-                               "Maps from KSampler (Record Attention) at resolution 1/4, with the "
-                               "prompt encoded by Attention Text Encode."}),
+                               "Maps from KSampler (Record Attention) with the prompt encoded by "
+                               "Attention Text Encode: UNets at resolution 1/4; DiT models (Flux, "
+                               "SD3, Qwen-Image) with any dit_blocks."}),
             **_threshold_inputs(),
         }}
 

@@ -1,6 +1,7 @@
 """Sampling plumbing shared by the pack's samplers: schedule, noise, progress/preview, KSampler."""
 import importlib
 
+from ..attention.dit_families import family_of
 from ..masks.validate import check_finite, check_number
 
 
@@ -21,6 +22,16 @@ def check_sampling(steps, cfg=None, denoise=None):
     if denoise is not None:
         check_number(denoise, "denoise", 0.0, 1.0, low_open=True,
                      hint="denoise 0 runs no sampling step, so nothing would be recorded or edited")
+
+
+def refuse_dit(model, method):
+    """A clear error for a method that runs on UNets only, when `model` is a DiT."""
+    family = family_of(model)
+    if family is not None:
+        raise TypeError(
+            f"{method} does not support {family.name} (a DiT model) yet: it works on SD1.x, SD2.x and "
+            "SDXL UNets. On DiT models use InstDiffEdit (Flux, SD3, Qwen-Image) or FoI "
+            "(Qwen-Image-Edit, Flux Kontext), or load a UNet checkpoint for this node.")
 
 
 def model_latent_channels(model):

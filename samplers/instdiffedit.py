@@ -1,5 +1,9 @@
 """InstDiffEdit (Zou et al., AAAI 2024) as a ComfyUI sampling procedure.
 
+Below, "cross-attention at 1/4 of the latent" is the UNet case; on DiT models (Flux, SD3,
+Qwen-Image) the maps are the joint attention's image -> text rows at the token grid, with an
+end-token start map (samplers/instdiffedit_capture.py). The loop itself is the same.
+
 The source latent is repeated `copies` times per image, each copy noised with its own noise to
 strength r, and denoised with any ComfyUI sampler and scheduler towards the target prompt while
 the cond branch's cross-attention at 1/4 of the latent (the official "16x16" layers, down + up)
@@ -48,14 +52,11 @@ from typing import Optional
 
 import torch
 
-from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import tokens_of
-from ..masks import instdiffedit as idm
 from ..masks.validate import check_finite, check_number
 from .common import check_latent, check_sampling, latent_samples, progress_callback, progress_disabled, schedule
+from .instdiffedit_capture import capture_for, capture_for_maps
 
-LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
-PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
 BACKGROUNDS = ("official", "matching")
 
 
@@ -69,19 +70,6 @@ class InstDiffEditResult:
     index: Optional[torch.Tensor]  # [B] chosen word (1-based; 0 none), from step 0
     sigmas: torch.Tensor  # the schedule that was run (strength applied)
     copies: int
-
-
-def word_groups(tokens, input_name="positive"):
-    """(token columns per word, EOS column) of an annotated prompt, as refine_mask takes them."""
-    tokens.require_single_chunk(f"InstDiffEdit (input '{input_name}')")
-    if not tokens.words:
-        raise ValueError(
-            f"the '{input_name}' prompt \"{tokens.text}\" has no words: InstDiffEdit finds the edit "
-            "region from the words of the target prompt. Describe the edited image, e.g. "
-            "\"a photo of a raccoon\".")
-    groups = [list(word.positions) for word in tokens.words]
-    eos = tokens.end_positions[0] if tokens.end_positions else groups[-1][-1] + 1
-    return groups, eos
 
 
 def edit_schedule(model, steps, sampler_name, scheduler, strength):
@@ -110,7 +98,8 @@ def check_thresholds(theta_hi, theta_lo, phi):
 
 
 def check_source(model, samples, input_name="source", noise_mask=None):
-    if samples.dim() != 4:
+    # [B, C, H, W]; Qwen-Image's latents have a frame axis of one: [B, C, 1, H, W]
+    if samples.dim() not in (4, 5) or (samples.dim() == 5 and samples.shape[2] != 1):
         raise ValueError(f"the '{input_name}' latent has shape {tuple(samples.shape)}; InstDiffEdit "
                          "needs image latents [batch, channels, height, width] (VAE Encode)")
     check_latent(model, samples, input_name, noise_mask=noise_mask)
@@ -120,24 +109,23 @@ def check_grid(grid, latent_hw, input_name="source"):
     if min(grid) < 2:
         h, w = latent_hw
         raise ValueError(
-            f"the '{input_name}' latent is {h}x{w} ({8 * h}x{8 * w} px), so the attention maps at 1/4 "
-            f"of it are only {grid[0]}x{grid[1]}; InstDiffEdit needs at least 2x2. Use an image of "
-            "at least 40x40 px (512x512 for SD1.x, 1024x1024 for SDXL work best).")
+            f"the '{input_name}' latent is {h}x{w} ({8 * h}x{8 * w} px), so the attention maps "
+            f"are only {grid[0]}x{grid[1]}; InstDiffEdit needs at least 2x2. Use an image of "
+            "at least 40x40 px (512x512 for SD1.x, 1024x1024 for SDXL and DiT models work best).")
 
 
-def fit_mask(mask, latent_hw):
-    """[B, 4h, 4w] -> [B, H, W]: the 1/4 grid rounds up (stride-2 convolutions), so crop."""
-    height, width = latent_hw
-    return mask[..., :height, :width]
+def _as_latent_mask(mask, like):
+    """[B, H, W] -> broadcastable against latents [B, C, H, W] or [B, C, 1, H, W]."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 3)), *mask.shape[1:]).to(like)
 
 
 class _EditLoop:
     """Per-step mask and blend state of one InstDiffEdit sampling run."""
 
-    def __init__(self, recorder, groups, eos, images, copies, latent_hw, sigmas, theta_hi, theta_lo,
+    def __init__(self, recorder, capture, images, copies, latent_hw, sigmas, theta_hi, theta_lo,
                  phi, background, noise, exact):
         self.recorder = recorder
-        self.groups, self.eos = groups, eos
+        self.capture = capture  # instdiffedit_capture adapter of the model kind
         self.images, self.copies = images, copies
         self.latent_hw = latent_hw
         self.sigmas = [float(s) for s in sigmas]
@@ -165,12 +153,10 @@ class _EditLoop:
             mask = torch.ones(self.images, *self.latent_hw, device=device)
         else:
             attn = mean.reshape(self.images, self.copies, *mean.shape[1:]).mean(1)
-            theta_hi, theta_lo, phi = self.thresholds
-            result = idm.refine_mask(attn, self.groups, self.eos, theta_hi, theta_lo, phi,
-                                     position=self.position, exact=self.exact)
+            result = self.capture.refine(attn, self.thresholds, self.position, self.exact)
             if self.position is None:  # first step: P is computed once, then frozen
                 self.position, self.index = result.position, result.index
-            mask = fit_mask(result.mask, self.latent_hw)
+            mask = self.capture.to_latent(result.mask, self.latent_hw)
         self.masks.append(mask)
 
     def source_noised(self, model, sigma, like):
@@ -186,7 +172,7 @@ class _EditLoop:
 
     def blended(self, model, x, step):
         """x at the end of step `step - 1` blended with the source outside that step's mask."""
-        mask = self.masks[step - 1].repeat_interleave(self.copies, 0)[:, None].to(x)
+        mask = _as_latent_mask(self.masks[step - 1].repeat_interleave(self.copies, 0), x)
         sigma = self.sigmas[step - 1] if self.background == "official" else self.sigmas[step]
         y = self.source_noised(model, sigma, x)
         return y + mask * (x - y)  # official use_mask: or_latent + mask * (x_t - or_latent)
@@ -260,20 +246,20 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     check_number(copies, "copies", 1, integer=True)
     check_strength(strength)
     check_thresholds(theta_hi, theta_lo, phi)
-    groups, eos = word_groups(tokens_of(positive, "positive"))
+    capture = capture_for(model, tokens_of(positive, "positive"))
     source = latent_samples(model, latent)
     check_source(model, source, noise_mask=latent.get("noise_mask"))
     images, latent_hw = source.shape[0], tuple(source.shape[-2:])
 
     patched = model.clone()
     sigmas = edit_schedule(patched, steps, sampler_name, scheduler, strength)
-    recorder = AttentionRecorder(level=LEVEL, parts=PARTS, branch="cond", n_tokens=positive[0][0].shape[1])
+    recorder = capture.recorder(positive[0][0].shape[1])
     recorder.install(patched, latent_hw, sigmas)
     check_grid(recorder.grid, latent_hw)
 
     batch = source.repeat_interleave(copies, 0)  # image-major: image 0's copies first
     noise = comfy.sample.prepare_noise(batch, seed)  # each copy its own noise, kept for blending
-    loop = _EditLoop(recorder, groups, eos, images, copies, latent_hw, sigmas, theta_hi, theta_lo,
+    loop = _EditLoop(recorder, capture, images, copies, latent_hw, sigmas, theta_hi, theta_lo,
                      phi, background, noise, exact)
     inner = comfy.samplers.sampler_object(sampler_name)
     sampler = comfy.samplers.KSAMPLER(loop.sampler_function(inner.sampler_function),
@@ -294,16 +280,17 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
 
 
 def mask_from_maps(maps, theta_hi=0.9, theta_lo=0.6, phi=0.2, exact=True):
-    """InstDiffEdit mask [B, H, W] (latent size) from ATTENTION_MAPS recorded at 1/4 of the latent."""
+    """InstDiffEdit mask [B, H, W] (latent size) from ATTENTION_MAPS: a UNet's at 1/4 of the
+    latent, or a DiT's (any blocks)."""
     check_thresholds(theta_hi, theta_lo, phi)
-    if maps.level != LEVEL:
+    capture = capture_for_maps(maps)
+    if maps.level != capture.level:
         raise ValueError(
             f"these attention maps were recorded at 1/{2 ** maps.level} of the latent; InstDiffEdit "
             "needs the 1/4 layers (16x16 at 512 px on SD1.x). Set 'resolution' to 1/4 in "
             "KSampler (Record Attention).")
-    groups, eos = word_groups(maps.require_tokens(), "attention_maps")
-    if eos >= maps.probs.shape[-1]:
+    if capture.eos >= maps.probs.shape[-1]:
         raise ValueError(f"the maps hold {maps.probs.shape[-1]} tokens, fewer than the prompt's")
     check_grid(tuple(maps.probs.shape[1:3]), maps.latent_hw, "attention_maps")
-    result = idm.refine_mask(maps.probs, groups, eos, theta_hi, theta_lo, phi, exact=exact)
-    return fit_mask(result.mask, maps.latent_hw)
+    result = capture.refine(maps.probs, (theta_hi, theta_lo, phi), exact=exact)
+    return capture.to_latent(result.mask, maps.latent_hw)

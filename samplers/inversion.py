@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..masks.validate import check_finite, check_number
-from .common import check_latent, check_sampling
+from .common import check_latent, check_sampling, refuse_dit
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 
 
@@ -226,6 +226,7 @@ def invert(model, positive, negative, latent, steps=50, null_text=True, inner_it
     optimised per step for CFG `cfg` sampling. progress(done, total) is called after each step.
     Returns (INVERSION, z_T as LATENT samples: what a KSampler with add_noise off starts from).
     """
+    refuse_dit(model, "Inversion (DDIM / null-text)")
     check_sampling(steps, cfg)
     check_number(inner_iterations, "inner_iterations", 1, integer=True)
     check_number(inversion_cfg, "inversion_cfg", 0.0)

@@ -51,7 +51,7 @@ from ..attention.layers import select_layers
 from ..attention.tokens import PromptWordError, split_words, tokens_of
 from ..masks.magedit_losses import LOSS_KINDS, combined_loss
 from ..masks.validate import check_finite, check_number, mask_inside
-from .common import check_latent, check_sampling
+from .common import check_latent, check_sampling, refuse_dit
 from .grad import autograd_through, leaf, loss_and_grad, refuse_controlnet
 from .inversion import (check_inversion, cross_attn_embeddings, ddim_step, guided_denoised, predicted_noise,
                         run_sampling_loop, with_cross_attn)
@@ -462,6 +462,7 @@ def mag_edit(model, inversion, source, target, negative, mask, edit_words, confi
     region to edit; edit_words: comma-separated words of the target prompt (or a list).
     progress(done, total) is called after every iteration and step.
     """
+    refuse_dit(model, "MAG-Edit")
     config = config or MagEditConfig()
     total = progress_total(config)
     done = [0]

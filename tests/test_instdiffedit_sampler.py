@@ -250,7 +250,7 @@ def test_mask_node_from_attention_maps(sd15):
     with torch.inference_mode():
         (mask,) = ide_nodes.InstDiffEditMask().run(maps, 0.9, 0.6, 0.2)
     assert mask.shape == (2, 96, 160) and set(mask.unique().tolist()) <= {0.0, 1.0}
-    groups, eos = ide.word_groups(maps.tokens)
+    groups, eos = pack_module("samplers.instdiffedit_capture").word_groups(maps.tokens)
     direct = idm.refine_mask(maps.probs, groups, eos, 0.9, 0.6, 0.2).mask
     assert torch.equal(mask[:, ::8, ::8], direct)
 

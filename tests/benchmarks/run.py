@@ -1,6 +1,6 @@
-"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit]`.
+"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit,dit_record,instdiffedit_dit]`.
 
-Full-size SD1.5 UNets (dit_record: full-width Flux blocks) with random weights on CPU, variants timed side by side in one run
+Full-size SD1.5 UNets (dit_record, instdiffedit_dit: full-width Flux blocks) with random weights on CPU, variants timed side by side in one run
 (interleaved repeats, medians). CPU times are noisy; the ratios are what count.
 """
 import argparse
@@ -9,7 +9,7 @@ import time
 
 from common import host, setup
 
-BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record")
+BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit")
 
 
 def main():

@@ -1,0 +1,144 @@
+"""Where InstDiffEdit reads its attention: one small adapter per model kind (UNet, DiT).
+
+The mask refinement (masks/instdiffedit.py) takes maps over [start token, prompt tokens...] and
+an EOS column, enlarges them 4x, blurs and thresholds. What changes between model kinds is only
+which attention is recorded, what stands for CLIP's start token, and how the enlarged mask maps
+onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind each choice):
+
+- UNet (the official setting): cross-attention of the 1/4-size layers (down + up), the start token
+  is column 0, and 4x the 1/4 grid is the latent (cropped where the grid rounded up).
+- DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
+  attention's image -> text rows of the late double / joint blocks (dit_families.default_blocks,
+  the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
+  *end tokens*: CLIP's start token where the encoder has one (SD3's CLIP part), else the tokens
+  after the prompt that belong to no word (T5's </s> and padding on Flux, Qwen's closing
+  template). Like CLIP's start token they carry no word and collect the attention the words
+  leave, so 1 - their map marks the foreground. The maps are enlarged 4x as the official code
+  does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
+  edited when at least half of its 2 x 2 mask pixels are.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..attention.dit_families import family_of
+from ..attention.dit_recorder import DiTRecorder
+from ..attention.recorder import AttentionRecorder
+from ..masks import instdiffedit as idm
+
+UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
+UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
+DIT_LEVEL = 1  # every supported DiT attends at its token grid, latent / 2
+START_TOKEN = "<start>"
+
+
+def word_groups(tokens, input_name="positive"):
+    """(token columns per word, EOS column) of an annotated prompt, as refine_mask takes them."""
+    tokens.require_single_chunk(f"InstDiffEdit (input '{input_name}')")
+    if not tokens.words:
+        raise ValueError(
+            f"the '{input_name}' prompt \"{tokens.text}\" has no words: InstDiffEdit finds the edit "
+            "region from the words of the target prompt. Describe the edited image, e.g. "
+            "\"a photo of a raccoon\".")
+    groups = [list(word.positions) for word in tokens.words]
+    eos = tokens.end_positions[0] if tokens.end_positions else groups[-1][-1] + 1
+    return groups, eos
+
+
+def _crop(mask, latent_hw):
+    height, width = latent_hw
+    return mask[..., :height, :width]
+
+
+class UNetCapture:
+    """The official capture: column 0 is CLIP's start token, the 4x mask is the latent."""
+
+    level = UNET_LEVEL
+    upscale = idm.UPSCALE
+
+    def __init__(self, tokens, input_name="positive"):
+        self.groups, self.eos = word_groups(tokens, input_name)
+
+    @staticmethod
+    def recorder(n_tokens):
+        return AttentionRecorder(level=UNET_LEVEL, parts=UNET_PARTS, branch="cond", n_tokens=n_tokens)
+
+    def maps_and_columns(self, attn):
+        """The maps refine_mask takes, with their word columns and EOS column."""
+        return attn, self.groups, self.eos
+
+    def refine(self, attn, thresholds, position=None, exact=True):
+        maps, groups, eos = self.maps_and_columns(attn)
+        return idm.refine_mask(maps, groups, eos, *thresholds, position=position, exact=exact,
+                               upscale=self.upscale)
+
+    def to_latent(self, mask, latent_hw):
+        """The refined mask at latent size: the 1/4 grid rounds up (stride-2 convolutions), so crop."""
+        return _crop(mask, latent_hw)
+
+
+class DiTCapture(UNetCapture):
+    """Joint attention of a DiT: an end-token start map, the mask reduced from 2x the latent."""
+
+    level = DIT_LEVEL
+
+    def __init__(self, tokens, input_name="positive"):
+        super().__init__(tokens, input_name)
+        self.start_columns = start_columns(tokens)
+
+    @staticmethod
+    def recorder(n_tokens):
+        return DiTRecorder(branch="cond", n_tokens=n_tokens)
+
+    def maps_and_columns(self, attn):
+        """[B, h, w, T] -> [B, h, w, 1 + T]: the start map in front of the prompt's columns."""
+        start = attn[..., self.start_columns].mean(-1, keepdim=True)
+        shifted = [[c + 1 for c in columns] for columns in self.groups]
+        return torch.cat([start, attn], dim=-1), shifted, self.eos + 1
+
+    def to_latent(self, mask, latent_hw):
+        """[B, 4h, 4w] (2x the latent, padded grid) -> [B, H, W]: a latent pixel is edited when at
+        least half of its 2 x 2 mask pixels are."""
+        height, width = latent_hw
+        fine = _crop(mask, (2 * height, 2 * width))
+        return (F.avg_pool2d(fine[:, None], 2)[:, 0] >= 0.5).to(mask.dtype)
+
+
+def start_columns(tokens):
+    """The end tokens that stand in for CLIP's start token (see the module docstring)."""
+    starts = [i for i, string in enumerate(tokens.token_strings) if string == START_TOKEN]
+    if starts:
+        return starts[:1]
+    worded = {p for word in tokens.words for p in word.positions}
+    after = [i for i in range(max(worded) + 1, tokens.n_tokens) if i not in worded]
+    if not after:
+        raise ValueError(
+            f"the prompt \"{tokens.text[:60]}\" fills the whole token axis: InstDiffEdit needs the "
+            "text encoder's end token after it. Shorten the prompt.")
+    return after
+
+
+# Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
+# map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
+UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
+                              "reliable start map (docs/instdiffedit.md, 'DiT models')"}
+
+
+def _dit_capture(family_name, tokens, input_name):
+    if family_name in UNSUPPORTED_DITS:
+        raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
+    return DiTCapture(tokens, input_name)
+
+
+def capture_for(model, tokens):
+    """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
+    family = family_of(model)
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
+
+
+def capture_for_maps(maps):
+    """The adapter that reads these ATTENTION_MAPS (recorded from a DiT or a UNet)."""
+    tokens = maps.require_tokens()
+    if maps.family is None:
+        return UNetCapture(tokens, "attention_maps")
+    return _dit_capture(maps.family, tokens, "attention_maps")
