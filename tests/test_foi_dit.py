@@ -77,3 +77,103 @@ def test_planted_region_is_the_keyword_mask(kind, hw):
     assert masks.shape == (2, 1, *grid)
     for b in range(2):
         assert dit_plant.iou(masks[b, 0] > 0.5, region[b]) >= 0.9, (b, masks[b, 0], region[b])
+
+
+# ---------------------------------------------------------------- guidance (Eq. 8-9)
+
+KEYWORDS = ("hat", "sky", "dog")
+REGIONS = ((slice(0, 3), slice(0, 4)), (slice(5, 8), slice(1, 5)), (slice(2, 6), slice(8, 12)))
+
+
+def single_word_instructions(keywords):
+    """One sub-instruction per keyword, each holding the keyword's token only."""
+    base = instructions(())
+    subs = [instructions_mod.SubInstruction(kw, kw, (WORDS.index(kw),), (WORDS.index(kw),)) for kw in keywords]
+    return instructions_mod.Instructions(text=base.text, tokens=base.tokens, subinstructions=subs)
+
+
+def planted_regions(kind, n, hw, batch=2):
+    """The model with keyword i planted on region i (batch row 1 shifted one token down), and the
+    expected union at the token grid [B, gh, gw]."""
+    grid = attn.token_grid(hw)
+    model, union = dit_host.model(FAMILIES[kind]), torch.zeros(batch, *grid, dtype=torch.bool)
+    for i in range(n):
+        rows, cols = REGIONS[i]
+        region = torch.stack([dit_plant.region_mask(grid, slice(rows.start + b, rows.stop + b), cols)
+                              for b in range(batch)])
+        model = dit_plant.plant(model, region, [WORDS.index(KEYWORDS[i])], beta=8.0, branches=(attn.INSTRUCTION,))
+        union |= region
+    return model, union
+
+
+class Capture:
+    """sampler_post_cfg_function: keeps each evaluation's branches and result."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, args):
+        self.calls.append({k: args[k] for k in ("denoised", "cond_denoised", "uncond_denoised",
+                                                "empty_cond_denoised", "foi_union")})
+        return args["denoised"]
+
+    def __deepcopy__(self, memo):
+        return self  # ModelPatcher.clone() deep-copies model_options
+
+
+def captured_run(model, positive, negative, latent, config, steps=4):
+    capture = Capture()
+    hooked = model.clone()
+    hooked.set_model_sampler_post_cfg_function(capture)
+    _, guider = run(hooked, positive, negative, latent, config, steps=steps)
+    return capture.calls, guider
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_guidance_is_no_edit_outside_and_instruction_inside(kind, n):
+    hw = (16, 24)
+    model, union = planted_regions(kind, n, hw)
+    positive, negative = conds(kind, single_word_instructions(KEYWORDS[:n]))
+    calls, guider = captured_run(model, positive, negative, dit_host.latent("flux", 2, *hw),
+                                 foi_dit.FoIDiTConfig(s_T=1.0))
+    assert guider.state.stats["modulated"] > 0 and guider.state.stats["skipped"] == 0
+    for k in range(n):
+        assert min(dit_plant.iou(guider.masks[b, k] > 0.5, _region(k, b, hw))
+                   for b in range(2)) >= 0.9
+    assert calls[0]["foi_union"] is None  # step 0 makes the masks: plain guidance
+    masked = [c for c in calls if c["foi_union"] is not None]
+    assert len(masked) == 2  # steps 1, 2 of 4 (< 0.75 * 4), Eq. 1 at step 3
+    expected = union.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :hw[0], :hw[1]]
+    for c in masked:
+        inside = c["foi_union"].reshape(2, *hw).bool()
+        assert torch.equal(inside, expected)
+        out, full, image = (c[k].reshape(2, -1, *hw) for k in ("denoised", "cond_denoised", "uncond_denoised"))
+        inside = inside[:, None].expand_as(out)
+        assert torch.equal(out[~inside], image[~inside])  # the no-edit branch, exactly
+        assert torch.allclose(out[inside], full[inside], atol=1e-6, rtol=0)  # image + (full - image)
+        assert not torch.allclose(full[inside], image[inside])  # the branches differ there
+
+
+def _region(k, b, hw):
+    rows, cols = REGIONS[k]
+    return dit_plant.region_mask(attn.token_grid(hw), slice(rows.start + b, rows.stop + b), cols)
+
+
+def test_qwen_image_edit_three_branches_with_image_guidance():
+    """s_I != 1 adds eps(z, 0_I, 0_T) (the null without the reference image): Eq. 9 in full."""
+    hw = (16, 24)
+    model, union = planted_regions("qwen_edit", 2, hw)
+    positive, negative = conds("qwen_edit", single_word_instructions(KEYWORDS[:2]))
+    calls, guider = captured_run(model, positive, negative, dit_host.latent("flux", 2, *hw),
+                                 foi_dit.FoIDiTConfig(s_T=2.5, s_I=1.5))
+    masked = [c for c in calls if c["foi_union"] is not None]
+    assert masked
+    for c in masked:
+        m = c["foi_union"]
+        full, image, none = c["cond_denoised"], c["uncond_denoised"], c["empty_cond_denoised"]
+        assert not torch.allclose(none, image)  # a real third branch
+        expected = none + 1.5 * (image - none) + 2.5 * (full - image) * m
+        assert torch.allclose(c["denoised"], expected, atol=1e-6, rtol=0)
+        outside = ~m.bool().expand_as(full)
+        assert torch.equal(c["denoised"][outside], (none + 1.5 * (image - none))[outside])
