@@ -177,3 +177,71 @@ def test_qwen_image_edit_three_branches_with_image_guidance():
         assert torch.allclose(c["denoised"], expected, atol=1e-6, rtol=0)
         outside = ~m.bool().expand_as(full)
         assert torch.equal(c["denoised"][outside], (none + 1.5 * (image - none))[outside])
+
+
+# ---------------------------------------------------------------- Eq. 3-7 on joint attention
+
+def brute_force_rows(q_img, k, v, q_null, n_txt, region, alpha, xi_t, bias, bias_null):
+    """Eq. 3 on the full float64 logits row: text block mixed, rest as is, one softmax."""
+    scale = q_img.shape[-1] ** -0.5
+    q_img, k, v, q_null = (t.double() for t in (q_img, k, v, q_null))
+    logits = q_img @ k.transpose(-1, -2) * scale + bias.double()
+    X = logits[..., :n_txt]
+    Y = (q_null @ k[:, :, :n_txt].transpose(-1, -2)) * scale + bias_null[..., :n_txt].double()
+    dX = alpha.double() * xi_t * (X.amax(-1, keepdim=True) - X)
+    M = region[:, None].double()
+    logits = torch.cat([(X + dX) * M + Y * (1 - M), logits[..., n_txt:]], -1)
+    return logits.softmax(-1) @ v
+
+
+def test_modulated_rows_equal_the_full_matrix_computation():
+    g = torch.Generator().manual_seed(0)
+    b, h, n_txt, n_img, n_ref, d = 2, 3, 9, 20, 12, 16
+    length = n_txt + n_img + n_ref
+    q_img, q_null = torch.randn(b, h, n_img, d, generator=g), torch.randn(b, h, n_img, d, generator=g)
+    k, v = torch.randn(b, h, length, d, generator=g), torch.randn(b, h, length, d, generator=g)
+    region = (torch.rand(b, n_img, n_txt, generator=g) > 0.5).float()
+    alpha = torch.rand(n_txt, generator=g) + 0.5
+    bias, bias_null = torch.randn(b, 1, n_img, length, generator=g), torch.randn(b, 1, n_img, length, generator=g)
+    out = attn.modulated_image_rows(q_img, k, v, q_null, n_txt, region, alpha, 0.3, bias, bias_null)
+    expected = brute_force_rows(q_img, k, v, q_null, n_txt, region, alpha, 0.3, bias, bias_null)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    # M = 1 and xi = 0: the instruction's own attention (what SDPA computes)
+    plain = attn.modulated_image_rows(q_img, k, v, q_null, n_txt, torch.ones_like(region), None, 0.0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q_img, k, v)
+    assert torch.allclose(plain, sdpa, atol=1e-5)
+    # M = 0: the text logits are the null queries' against the instruction's text keys (Eq. 5)
+    zero = attn.modulated_image_rows(q_img, k, v, q_null, n_txt, torch.zeros_like(region), None, 0.7)
+    assert torch.allclose(zero.double(), brute_force_rows(q_img, k, v, q_null, n_txt, torch.zeros_like(region),
+                                                          torch.ones(n_txt), 0.7, torch.zeros(1, 1, n_img, length),
+                                                          torch.zeros(1, 1, n_img, length)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_modulation_with_full_masks_and_no_xi_changes_nothing(kind):
+    """tau = 0 makes every mask the whole image and xi_scale = 0 turns dX off: Eq. 3 is then the
+    instruction's own attention, so sampling equals FoI without modulation (float rounding); the
+    rows put back by the hook are the right ones."""
+    hw = (16, 24)
+    model, _ = planted_regions(kind, 1, hw)
+    positive, negative = conds(kind, single_word_instructions(KEYWORDS[:1]))
+    latent = dit_host.latent("flux", 2, *hw)
+    on, guider = run(model, positive, negative, latent, foi_dit.FoIDiTConfig(tau=0.0, xi_scale=0.0), steps=3)
+    off, _ = run(model, positive, negative, latent, foi_dit.FoIDiTConfig(tau=0.0, modulation=False), steps=3)
+    assert guider.state.stats["modulated"] > 0
+    assert torch.allclose(on, off, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_modulation_changes_the_instruction_branch_only(kind):
+    hw = (16, 24)
+    model, _ = planted_regions(kind, 2, hw)
+    positive, negative = conds(kind, single_word_instructions(KEYWORDS[:2]))
+    latent = dit_host.latent("flux", 2, *hw)
+    on, _ = captured_run(model, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0, xi_scale=5.0), steps=2)
+    off, _ = captured_run(model, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0, modulation=False),
+                          steps=2)
+    # step 1 (the first modulated evaluation) from the same x: the null branch is untouched
+    assert torch.equal(on[0]["denoised"], off[0]["denoised"])
+    assert torch.equal(on[1]["uncond_denoised"], off[1]["uncond_denoised"])
+    assert not torch.allclose(on[1]["cond_denoised"], off[1]["cond_denoised"])
