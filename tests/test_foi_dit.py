@@ -245,3 +245,91 @@ def test_modulation_changes_the_instruction_branch_only(kind):
     assert torch.equal(on[0]["denoised"], off[0]["denoised"])
     assert torch.equal(on[1]["uncond_denoised"], off[1]["uncond_denoised"])
     assert not torch.allclose(on[1]["cond_denoised"], off[1]["cond_denoised"])
+
+
+# ---------------------------------------------------------------- Instruction Text Encode + nodes
+
+def test_instruction_encode_on_t5_and_qwen_marks_subinstructions_and_keywords():
+    from ae_testlib import dit_text
+
+    text = "put a *red hat* on the dog;\nmake the *sky*, a sunset"
+    for family, hat, sky in (("flux", ["▁red", "▁", "hat"], ["▁sky", ","]),
+                             ("qwen_image", ["Ġred", "Ġhat"], ["Ġsky", ","])):
+        dit_text.require_dit_clip(family)
+        clip = dit_text.build_dit_clip(family)
+        parsed = instructions_mod.parse_instructions(clip, text)
+        strings = parsed.tokens.token_strings
+        assert parsed.text == "put a red hat on the dog;\nmake the sky, a sunset"
+        assert [[strings[p] for p in kw] for kw in parsed.keyword_positions] == [hat, sky]
+        first, second = parsed.spans
+        assert max(first) < min(second) and set(parsed.keyword_positions[0]) <= set(first)
+        assert "".join(strings[p] for p in second).replace("▁", " ").replace("Ġ", " ").strip() == "make the sky, a sunset"
+
+
+def _kontext_conds(text, ref):
+    from ae_testlib import dit_text, registry
+
+    dit_text.require_dit_clip("flux")
+    nodes_foi = pack_module("nodes.foi")
+    core = registry.core_nodes()
+    with torch.inference_mode():
+        positive, negative = nodes_foi.InstructionTextEncode().run(dit_text.build_dit_clip("flux"), text)
+        wrap = lambda c: core["FluxGuidance"].execute(core["ReferenceLatent"].execute(c, {"samples": ref})[0],  # noqa: E731
+                                                      2.5)[0]
+        return wrap(positive), wrap(negative)
+
+
+def test_kontext_nodes_end_to_end():
+    """Instruction Text Encode (T5) -> ReferenceLatent -> FluxGuidance -> FoI Sampler (DiT), the
+    Kontext workflow's chain; masks come back at the image size, one per keyword and image."""
+    nodes_foi = pack_module("nodes.foi")
+    ref = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(3))
+    positive, negative = _kontext_conds("put a *hat* on the dog; make the *sky* a sunset", ref)
+    assert positive[0][1]["reference_latents"][0] is ref and negative[0][1]["guidance"] == 2.5
+    settings = {"text_cfg": 0.0, "image_cfg": 1.0, "gamma": 3, "tau": 0.5, "blur_kernel": 3, "blur_sigma": 0.5,
+                "mask_upsample": 4, "modulation": True, "alpha": "1.0, 0.5", "disentangle_fraction": 0.75,
+                "mask_blocks": ""}
+    with torch.inference_mode():
+        latent, masks, preview = nodes_foi.FoIDiTSampler().run(
+            dit_host.model("flux"), positive, negative, dit_host.latent("flux", 2, 8, 12), 0, 2, "euler", "simple",
+            1.0, **settings)
+    assert latent["samples"].shape == (2, 16, 8, 12) and torch.isfinite(latent["samples"]).all()
+    assert masks.shape == (4, 64, 96) and preview.shape == (2, 64, 2 * 96, 3)
+    guider = nodes_foi.FoIDiTGuiderNode().run(dit_host.model("flux"), positive, negative, **settings)[0]
+    assert guider.config.s_T == 1.0 and guider.state.alphas == [1.0, 0.5]
+
+
+def test_qwen_image_edit_instruction_node():
+    """The Qwen-Image-Edit form: the instruction's words sit after the image's vision tokens, the
+    null instruction carries the image too, and its no-image encoding is the third branch's."""
+    from ae_testlib import dit_text
+
+    dit_text.require_dit_clip("qwen_image")
+    nodes_foi = pack_module("nodes.foi")
+    clip = dit_text.build_dit_clip("qwen_image")
+    image = torch.rand(1, 768, 1365, 3, generator=torch.Generator().manual_seed(0))  # ~1 MP: kept as is
+    with torch.inference_mode():
+        positive, negative = nodes_foi.InstructionTextEncodeQwenImageEdit().run(clip, "make the *cat* red", image=image)
+    inst = instructions_mod.instructions_of(positive)
+    start, stop = inst.tokens.part("vision")
+    assert stop - start > 1 and min(inst.spans[0]) > stop
+    assert [inst.tokens.token_strings[p] for p in inst.keyword_positions[0]] == ["Ġcat"]
+    assert positive[0][0].shape[1] == inst.n_tokens
+    no_image = negative[0][1][foi_dit.NO_IMAGE_KEY]
+    assert negative[0][0].shape[1] > no_image[0][0].shape[1]  # the null has the vision tokens, the third branch not
+    null, full, neither = foi_dit.dit_conds([[positive[0][0], {**positive[0][1], "reference_latents": [torch.zeros(1)]}]],
+                                            negative, foi_dit.QWEN_EDIT)
+    assert neither is no_image and "reference_latents" in null[0][1]
+
+
+def test_errors_name_the_fix():
+    positive, negative = conds("kontext", instructions())
+    bare = [[positive[0][0], {k: v for k, v in positive[0][1].items() if k != "reference_latents"}]]
+    with pytest.raises(ValueError, match="no reference image.*ReferenceLatent"):
+        foi_dit.foi_dit_guider(dit_host.model("flux"), bare, negative)
+    with pytest.raises(ValueError, match="alpha has 2 values but the instruction has 1"):
+        foi_dit.foi_dit_guider(dit_host.model("flux"), positive, negative, foi_dit.FoIDiTConfig(alphas=[1.0, 0.5]))
+    with pytest.raises(TypeError, match="supports Flux Kontext and Qwen-Image-Edit"):
+        foi_dit.foi_dit_guider(dit_host.model("sd3"), positive, negative)
+    with pytest.raises(ValueError, match="carries no FoI sub-instructions"):
+        foi_dit.foi_dit_guider(dit_host.model("flux"), dit_host.conditioning(N_TOKENS), negative)
