@@ -302,4 +302,5 @@ def instructions_of(conditioning, input_name="positive"):
         f"the '{input_name}' conditioning carries no FoI sub-instructions. Encode the instruction "
         "with the 'Instruction Text Encode' node (attention_edit), marking one keyword per "
         "sub-instruction with asterisks, e.g. 'put a *hat* on the dog; make the *sky* a sunset', "
-        "then pass it through InstructPixToPixConditioning.")
+        "then pass it through InstructPixToPixConditioning (InstructPix2Pix) or ReferenceLatent (Flux "
+        "Kontext); for Qwen-Image-Edit use 'Instruction Text Encode (Qwen-Image-Edit)'.")
