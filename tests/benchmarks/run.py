@@ -1,4 +1,4 @@
-"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit]`.
+"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit,dit_record,foi_dit]`.
 
 Full-size SD1.5 UNets (dit_record: full-width Flux blocks) with random weights on CPU, variants timed side by side in one run
 (interleaved repeats, medians). CPU times are noisy; the ratios are what count.
@@ -9,7 +9,7 @@ import time
 
 from common import host, setup
 
-BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record")
+BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "foi_dit")
 
 
 def main():
@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--steps-512", type=int, default=2)
     parser.add_argument("--dit-steps", type=int, default=1, help="dit_record: sampling steps per run")
     parser.add_argument("--dit-sizes", default="512,1024", help="dit_record: image sizes in px")
+    parser.add_argument("--foi-dit-size", type=int, default=512, help="foi_dit: image size in px")
+    parser.add_argument("--foi-dit-steps", type=int, default=3, help="foi_dit: sampling steps per run")
     args = parser.parse_args()
     print(f"host: {setup()}")
     models = {}
