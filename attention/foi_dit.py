@@ -291,20 +291,59 @@ class _FoIOverride(ChainedPatch):
                 state.warn_unpaired()
                 return self._run(func, args, kwargs)
             q_null, bias_null = kept
-        out = self._run(func, args, kwargs)
         modulated = modulated_image_rows(
             q[inst][:, :, img], k[inst], v[inst], q_null, layout.n_txt,
             state.region(layout.n_txt, q.device), state.alpha_tokens(layout.n_txt, q.device), state.xi,
             mask_rows(inst), bias_null)
         state.stats["modulated"] += 1
+        if self.inner is None:
+            out = _rest_of_call(func, call, mask, inst, img, q.shape[2])
+        else:  # another override (an attention backend...): it computes the call, we replace our rows
+            out = self._run(func, args, kwargs).clone()
         if call["skip_output_reshape"]:  # [B, H, L, D]
-            out = out.clone()
             out[inst, :, img] = modulated.to(out.dtype)
         else:  # [B, L, H * D]
-            out = out.clone()
             b, h, n, d = modulated.shape
             out[inst, img] = modulated.transpose(1, 2).reshape(b, n, h * d).to(out.dtype)
         return out
+
+
+def _kernel(func, call, q, k, v, mask):
+    """ComfyUI's attention function on (a part of) the call: q, k, v in the call's own layout."""
+    return func(q, k, v, call["heads"], mask=mask, attn_precision=call["attn_precision"],
+                skip_reshape=call["skip_reshape"], skip_output_reshape=call["skip_output_reshape"],
+                **(call.get("kwargs") or {}))
+
+
+def _rest_of_call(func, call, mask, inst, img, length):
+    """The call's output with everything but the instruction chunk's image rows computed by the
+    model's own kernel, those rows left empty: the other chunks' rows in one call, the
+    instruction's text and reference rows in another. So no attention row is computed twice
+    (the modulated rows replace work, they do not add to it)."""
+    q, k, v = call["q"], call["k"], call["v"]
+    batch = q.shape[0]
+    row_axis = 2 if call["skip_reshape"] else 1
+    keep = torch.cat([torch.arange(0, img.start), torch.arange(img.stop, length)]).to(q.device)
+    others = [i for i in range(batch) if not inst.start <= i < inst.stop]
+
+    def rows_of(m, batch_rows, query_rows=None):
+        if m is None:
+            return None
+        m = m[batch_rows] if m.shape[0] > 1 else m
+        return m if query_rows is None else m.index_select(2, query_rows)
+
+    part = _kernel(func, call, q[inst].index_select(row_axis, keep), k[inst], v[inst], rows_of(mask, inst, keep))
+    if call["skip_output_reshape"]:
+        out = part.new_empty((batch, part.shape[1], length, part.shape[3]))
+        out[inst, :, keep] = part
+    else:
+        out = part.new_empty((batch, length, part.shape[2]))
+        out[inst, keep] = part
+    if others:
+        index = torch.tensor(others, device=q.device)
+        rest = _kernel(func, call, q[index], k[index], v[index], rows_of(mask, index))
+        out[index] = rest.to(out.dtype)
+    return out
 
 
 def install_foi_dit(model_clone, state):

@@ -333,3 +333,35 @@ def test_errors_name_the_fix():
         foi_dit.foi_dit_guider(dit_host.model("sd3"), positive, negative)
     with pytest.raises(ValueError, match="carries no FoI sub-instructions"):
         foi_dit.foi_dit_guider(dit_host.model("flux"), dit_host.conditioning(N_TOKENS), negative)
+
+
+class PassThrough:
+    """An attention override already on the model (an attention-backend node): counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, func, *args, **kwargs):
+        self.calls += 1
+        return func(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_an_override_already_there_keeps_running_and_gives_the_same_edit(kind):
+    """With another override under FoI's, FoI lets it compute every call and replaces only the
+    instruction's image rows; without one, FoI computes the other rows with ComfyUI's kernel in
+    two smaller calls. Both give the same result."""
+    hw = (16, 24)
+    model, _ = planted_regions(kind, 2, hw)
+    positive, negative = conds(kind, single_word_instructions(KEYWORDS[:2]))
+    latent = dit_host.latent("flux", 2, *hw)
+    spy = PassThrough()
+    hooked = model.clone()
+    hooked.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = spy
+    with_inner, guider = run(hooked, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0), steps=3)
+    alone, _ = run(model, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0), steps=3)
+    assert spy.calls > 0 and guider.state.stats["modulated"] > 0
+    assert torch.allclose(with_inner, alone, atol=1e-5, rtol=0)
