@@ -21,9 +21,13 @@ WORDS = "put a hat on the dog and make the sky red".split()
 N_TOKENS = 12  # the words plus two padding / end tokens
 
 
+PURE_TORCH = {"test_modulated_rows_equal_the_full_matrix_computation"}  # run on every host
+
+
 @pytest.fixture(autouse=True)
-def _dit_host(comfy_host):
-    dit_host.require_dit_host()
+def _dit_host(request, comfy_host):
+    if request.node.originalname not in PURE_TORCH:
+        dit_host.require_dit_host()
 
 
 def instructions(keywords=("hat",)):
