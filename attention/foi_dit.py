@@ -10,11 +10,14 @@ Installed on the sampling clone through ComfyUI's public hooks, each chaining to
 - `patches_replace["dit"]` tags on the mask blocks say when a mask block runs (step 0 recording);
 - `transformer_options["optimized_attention_override"]` sees every joint attention call.
 
-The guider (samplers/foi_dit.py) puts the conds in the order [null instruction, instruction,
-(neither)]: chunk index 0 is eps(z, I, 0_T), 1 is eps(z, I, T). Kontext's two branches have
-contexts of one length (T5 padded to 256) and run in one forward; Qwen-Image-Edit's contexts
-differ in length, so ComfyUI runs one forward per branch, conds[0] (the null) first: its image
-queries are kept per attention call for the instruction's forward of the same model call.
+The guider (samplers/foi_dit.py) orders the conds so that the null instruction's forward runs
+before or with the instruction's, and tells the state which chunk index is which
+(`state.branches`). Kontext's two branches have contexts of one length (T5 padded to 256) and run
+in one forward; when memory is short ComfyUI splits such a batch taking conds from the END of the
+list, so the order is [instruction, null, (neither)]. Qwen-Image-Edit's contexts differ in length,
+so ComfyUI runs one forward per branch in list order: [null, instruction, (neither)]. A null
+forward alone keeps its image queries per attention call for the instruction's forward of the
+same model call.
 """
 import logging
 
@@ -27,7 +30,8 @@ from .dit_kernel import bind_attention_args, heads_first, text_probabilities
 from .foi_modulation import modulate_scores, token_alpha
 from .layers import ChainedPatch
 
-NULL_INSTRUCTION, INSTRUCTION, UNCONDITIONAL = 0, 1, 2
+INSTRUCTION_FIRST = {"instruction": 0, "null": 1, "neither": 2}  # contexts of one length (batched)
+NULL_FIRST = {"null": 0, "instruction": 1, "neither": 2}  # contexts of different lengths (one forward each)
 WRAPPER_KEY = "attention_edit_foi_dit"
 LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 image x key logits built at once
 
@@ -128,6 +132,7 @@ class FoIDiTState:
         self.instructions = None
         self.alphas = None
         self.mask_blocks = []
+        self.branches = dict(NULL_FIRST)  # cond index of each branch (the guider sets it)
         self.begin(None)
 
     def begin(self, latent_hw):
@@ -263,8 +268,8 @@ class _FoIOverride(ChainedPatch):
         index = forward.calls
         forward.calls += 1
         img = layout.image_rows
-        inst = _rows(forward.chunks, INSTRUCTION, forward.per_chunk)
-        null = _rows(forward.chunks, NULL_INSTRUCTION, forward.per_chunk)
+        inst = _rows(forward.chunks, state.branches["instruction"], forward.per_chunk)
+        null = _rows(forward.chunks, state.branches["null"], forward.per_chunk)
 
         def mask_rows(rows):
             if mask is None:

@@ -1,13 +1,15 @@
 """FoI ("Focus on Your Instruction", Guo & Lin, CVPR 2024) on the DiT instruction-editing models
 Flux Kontext and Qwen-Image-Edit, as a ComfyUI guider. docs/foi.md ("DiT models").
 
-Branches (one calc_cond_batch per model evaluation), conds list in this order:
-    [0] null instruction + image   eps(z, I, 0_T)  the negative with the reference image
-    [1] instruction + image        eps(z, I, T)    the positive
-    [2] neither                    eps(z, 0_I, 0_T) only when s_I != 1 (its weight is 1 - s_I)
-The null comes first so that when ComfyUI cannot batch it with the instruction (Qwen-Image-Edit:
-contexts of different lengths) its forward runs first and its image queries are there for the
-instruction's attention modulation (attention/foi_dit.py).
+Branches (one calc_cond_batch per model evaluation):
+    instruction + image        eps(z, I, T)    the positive
+    null instruction + image   eps(z, I, 0_T)  the negative with the reference image
+    neither                    eps(z, 0_I, 0_T) only when s_I != 1 (its weight is 1 - s_I)
+in the order that makes ComfyUI run the null's forward before or with the instruction's (its
+image queries are needed for the instruction's attention modulation, attention/foi_dit.py):
+[instruction, null] when the contexts have one length (Kontext: batched; a memory split takes
+conds from the end), [null, instruction] when they differ (Qwen-Image-Edit: one forward each, in
+list order); the neither branch last.
 
 Guidance, Eq. 9 with the branches each model has:
     eps = eps_none + s_I (eps_img - eps_none) + s_T (eps_full - eps_img) * M_union
@@ -26,7 +28,7 @@ import comfy.samplers
 import torch
 
 from ..attention.dit_families import family_of
-from ..attention.foi_dit import FoIDiTState, install_foi_dit
+from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
 from ..attention.instructions import instructions_of
 from ..attention.recorder import step_of_sigma
@@ -138,6 +140,12 @@ def dit_conds(positive, negative, model):
     return null, positive, neither
 
 
+def branch_order(positive, null):
+    """{branch: cond index}: instruction first when the contexts have one length, else the null."""
+    same = positive[0][0].shape[1:] == null[0][0].shape[1:]
+    return INSTRUCTION_FIRST if same else NULL_FIRST
+
+
 class FoIDiTGuider(comfy.samplers.CFGGuider):
     """FoI for Flux Kontext / Qwen-Image-Edit: masks at step 0, modulation, disentangled guidance."""
 
@@ -169,6 +177,7 @@ class FoIDiTGuider(comfy.samplers.CFGGuider):
         self.state.instructions = instructions
         self.state.alphas = alphas or None
         null, full, neither = dit_conds(positive, negative, self.model)
+        self.state.branches = dict(branch_order(full, null))
         self.inner_set_conds({"negative": null, "positive": full, "neither": neither})
 
     def set_cfg(self, s_T, s_I=None):
@@ -197,9 +206,11 @@ class FoIDiTGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         cfg, state = self.config, self.state
         three = cfg.s_I != 1.0
-        conds = [self.conds.get("negative"), self.conds.get("positive")]
-        if three:
-            conds.append(self.conds.get("neither"))
+        order = state.branches
+        conds = [None] * (3 if three else 2)
+        for branch, key in (("instruction", "positive"), ("null", "negative"), ("neither", "neither")):
+            if order[branch] < len(conds):
+                conds[order[branch]] = self.conds.get(key)
         extracting = state.phase == "extract"
         state.next_call(cfg.modulation, xi(flow_t(self.inner_model.model_sampling, timestep.max()),
                                            cfg.xi_scale, cfg.xi_power))
@@ -212,8 +223,8 @@ class FoIDiTGuider(comfy.samplers.CFGGuider):
             args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
                     "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
             out = fn(args)
-        image, full = out[0], out[1]
-        none = out[2] if three else image
+        image, full = out[order["null"]], out[order["instruction"]]
+        none = out[order["neither"]] if three else image
 
         n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
         disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
@@ -224,17 +235,18 @@ class FoIDiTGuider(comfy.samplers.CFGGuider):
             args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
                     "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
                     "model": self.inner_model, "model_options": model_options,
-                    "input_cond": conds[1], "input_uncond": conds[0]}
+                    "input_cond": conds[order["instruction"]], "input_uncond": conds[order["null"]]}
             text_guided = x - model_options["sampler_cfg_function"](args)
             result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
         else:
             result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
 
         for fn in model_options.get("sampler_post_cfg_function", []):
-            args = {"denoised": result, "cond": conds[1], "uncond": conds[0], "cond_scale": cfg.s_T,
+            args = {"denoised": result, "cond": conds[order["instruction"]], "uncond": conds[order["null"]],
+                    "cond_scale": cfg.s_T,
                     "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
                     "sigma": timestep, "model_options": model_options, "input": x,
-                    "empty_cond": conds[2] if three else None, "empty_cond_denoised": none,
+                    "empty_cond": conds[order["neither"]] if three else None, "empty_cond_denoised": none,
                     "foi_union": union}
             result = fn(args)
         return result

@@ -19,6 +19,9 @@ common = pack_module("samplers.common")
 FAMILIES = {"kontext": "flux", "qwen_edit": "qwen"}
 WORDS = "put a hat on the dog and make the sky red".split()
 N_TOKENS = 12  # the words plus two padding / end tokens
+# the instruction's cond index: Kontext's contexts have one length (instruction first, batched),
+# Qwen-Image-Edit's null is shorter (null first, one forward each); test_branch_order checks it
+INSTRUCTION = {"kontext": attn.INSTRUCTION_FIRST["instruction"], "qwen_edit": attn.NULL_FIRST["instruction"]}
 
 
 PURE_TORCH = {"test_modulated_rows_equal_the_full_matrix_computation"}  # run on every host
@@ -65,7 +68,7 @@ def run(model, positive, negative, latent, config, steps=3, seed=0):
 
 def planted_model(kind, region, keyword_columns, beta=8.0):
     return dit_plant.plant(dit_host.model(FAMILIES[kind]), region, keyword_columns, beta=beta,
-                           branches=(attn.INSTRUCTION,))
+                           branches=(INSTRUCTION[kind],))
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
@@ -105,7 +108,7 @@ def planted_regions(kind, n, hw, batch=2):
         rows, cols = REGIONS[i]
         region = torch.stack([dit_plant.region_mask(grid, slice(rows.start + b, rows.stop + b), cols)
                               for b in range(batch)])
-        model = dit_plant.plant(model, region, [WORDS.index(KEYWORDS[i])], beta=8.0, branches=(attn.INSTRUCTION,))
+        model = dit_plant.plant(model, region, [WORDS.index(KEYWORDS[i])], beta=8.0, branches=(INSTRUCTION[kind],))
         union |= region
     return model, union
 
@@ -369,3 +372,42 @@ def test_an_override_already_there_keeps_running_and_gives_the_same_edit(kind):
     alone, _ = run(model, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0), steps=3)
     assert spy.calls > 0 and guider.state.stats["modulated"] > 0
     assert torch.allclose(with_inner, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_branch_order(kind):
+    positive, negative = conds(kind, instructions())
+    assert foi_dit.branch_order(positive, negative)["instruction"] == INSTRUCTION[kind]
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_split_batches_are_modulated_like_one_call(kind, monkeypatch):
+    """With too little memory ComfyUI runs each cond in its own forward: the null's still runs
+    first (the branch order), so every instruction forward is modulated, as in one call."""
+    import comfy.model_management
+
+    hw = (16, 24)
+    model, _ = planted_regions(kind, 2, hw)
+    positive, negative = conds(kind, single_word_instructions(KEYWORDS[:2]))
+    latent = dit_host.latent("flux", 2, *hw)
+    whole, _ = run(model, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0, s_I=1.5), steps=3)
+
+    def no_free_memory(dev=None, torch_free_too=False):
+        return (0, 0) if torch_free_too else 0
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", no_free_memory)
+    import comfy.patcher_extension
+
+    chunks = []
+
+    def count(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        chunks.append(list(transformer_options.get("cond_or_uncond") or []))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_count", count)
+    split, guider = run(counted, positive, negative, latent, foi_dit.FoIDiTConfig(s_T=1.0, s_I=1.5), steps=3)
+    assert len(chunks) == 9 and all(len(c) == 1 for c in chunks)  # 3 steps x 3 branches, one per forward
+    assert guider.state.stats["modulated"] == 2 * 2 * (2 if kind == "kontext" else 1)  # steps x blocks
+    assert guider.state.stats["skipped"] == 0
+    assert torch.allclose(split, whole, atol=1e-4, rtol=0)
