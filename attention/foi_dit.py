@@ -286,7 +286,9 @@ class _FoIOverride(ChainedPatch):
 
         if inst is None:
             if null is not None:  # a forward of the null branch alone: its queries for the instruction's
-                state._null_q[index] = (q[null][:, :, img], mask_rows(null))
+                # a copy of the image rows only: a view would keep the whole call's q alive
+                bias = mask_rows(null)
+                state._null_q[index] = (q[null][:, :, img].clone(), None if bias is None else bias.clone())
             return self._run(func, args, kwargs)
         if null is not None:
             q_null, bias_null = q[null][:, :, img], mask_rows(null)
