@@ -411,3 +411,35 @@ def test_split_batches_are_modulated_like_one_call(kind, monkeypatch):
     assert guider.state.stats["modulated"] == 2 * 2 * (2 if kind == "kontext" else 1)  # steps x blocks
     assert guider.state.stats["skipped"] == 0
     assert torch.allclose(split, whole, atol=1e-4, rtol=0)
+
+
+def test_qwen_image_edit_nodes_end_to_end():
+    """Instruction Text Encode (Qwen-Image-Edit) with an image (its vision tokens in both prompts;
+    the reference latent added as its VAE would) -> FoI Sampler (DiT) with image_cfg 1.5: the
+    three branches, the instruction and the null of different lengths, every call modulated."""
+    from ae_testlib import dit_text
+
+    dit_text.require_dit_clip("qwen_image")
+    nodes_foi = pack_module("nodes.foi")
+    image = torch.rand(1, 768, 1365, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        positive, negative = nodes_foi.InstructionTextEncodeQwenImageEdit().run(
+            dit_text.build_dit_clip("qwen_image"), "put a *hat* on the cat; make the *sky* red", image=image)
+    ref = torch.randn(1, 16, 1, 8, 12, generator=torch.Generator().manual_seed(3))
+    add = lambda conds: [[c, {**d, "reference_latents": [ref]}] for c, d in conds]  # noqa: E731
+    positive, negative = add(positive), add(negative)
+    assert foi_dit.branch_order(positive, negative) == attn.NULL_FIRST
+    guider = foi_dit.foi_dit_guider(dit_host.model("qwen"), positive, negative, foi_dit.FoIDiTConfig(s_I=1.5))
+    assert guider.config.s_T == 2.5  # Qwen-Image-Edit's default
+    settings = {"text_cfg": 0.0, "image_cfg": 1.5, "gamma": 3, "tau": 0.5, "blur_kernel": 3, "blur_sigma": 0.5,
+                "mask_upsample": 4, "modulation": True, "alpha": "1.0", "disentangle_fraction": 0.75,
+                "mask_blocks": "all"}
+    with torch.inference_mode():
+        latent, masks, _ = nodes_foi.FoIDiTSampler().run(
+            dit_host.model("qwen"), positive, negative, dit_host.latent("qwen", 2, 8, 12), 0, 3, "euler", "simple",
+            1.0, **settings)
+    assert torch.isfinite(latent["samples"]).all() and masks.shape == (4, 64, 96)
+    _, guider = run(dit_host.model("qwen"), positive, negative, dit_host.latent("qwen", 2, 8, 12),
+                    foi_dit.FoIDiTConfig(s_I=1.5, mask_blocks="all"), steps=3)
+    assert guider.evaluations == 3 and guider.state.stats["skipped"] == 0
+    assert guider.state.stats["modulated"] == 2 * 2  # steps 1-2 x the two joint blocks
