@@ -186,8 +186,12 @@ def parse_instructions(clip, text):
     sub-instruction without keyword or with several, a keyword marker that does not close inside
     its sub-instruction, a keyword without tokens, a prompt longer than one 77-token chunk.
     """
+    from .text_encoders import encoder_family
+
     subs = split_instructions(text)
     prompt = encoded_text(text)
+    if encoder_family(clip) is not None:  # T5 (Flux, Kontext) / Qwen2.5-VL: word-level labels
+        return instructions_from_tokens(text, prompt_tokens(clip, prompt))
     tokens = prompt_tokens(clip, prompt)
     tokens.require_single_chunk("FoI (Focus on Your Instruction)")
     _, sd_tokenizer = _primary_tokenizer(clip)
@@ -226,6 +230,60 @@ def parse_instructions(clip, text):
     return Instructions(text=prompt, tokens=tokens, subinstructions=out)
 
 
+def _dit_words(marked, qwen):
+    """The whitespace words of a marked instruction as a DiT word layout splits them
+    (attention/text_encoders.py): T5 within ComfyUI's weight segments, Qwen2.5-VL on the text as
+    typed (escapes resolved)."""
+    from comfy import sd1_clip
+
+    if qwen:
+        segments = [sd1_clip.unescape_important(sd1_clip.escape_important(marked))]
+    else:
+        segments = [sd1_clip.unescape_important(segment)
+                    for segment, _ in sd1_clip.token_weights(sd1_clip.escape_important(marked), 1.0)]
+    return [word for segment in segments for word in re.findall(r"\S+", segment)]
+
+
+def instructions_from_tokens(text, tokens):
+    """Instructions of a composite instruction from the word layout (PromptTokens) of its encoded
+    text, for the DiT text encoders (T5, Qwen2.5-VL). Labels are per word: a word belongs to the
+    sub-instruction of its first character that is not a separator and is part of the keyword if
+    any of its characters is ('*hat*,' makes the whole word 'hat,' the keyword: T5 and Qwen's BPE
+    split punctuation differently from CLIP, so per-token labels within a word are not drawn)."""
+    subs = split_instructions(text)
+    prompt = encoded_text(text)
+    qwen = "Qwen" in getattr(tokens, "encoder", "")
+    spans = [[] for _ in subs]
+    keyword_positions = [[] for _ in subs]
+    state = [0, False]
+    words = list(tokens.words)
+    cursor = 0
+    for marked in _dit_words(_marked_text(text), qwen):
+        chars, labels = _char_labels(marked, state)
+        if not chars:
+            continue
+        if cursor >= len(words) or words[cursor].text != chars:
+            continue  # a word without tokens (the layout leaves those out)
+        word = words[cursor]
+        cursor += 1
+        owners = [label[0] for label in labels if label[0] is not None]
+        if not owners:
+            continue  # a separator word (';')
+        spans[owners[0]].extend(word.positions)
+        if any(label[1] for label in labels):
+            keyword_positions[owners[0]].extend(word.positions)
+    if cursor != len(words):
+        raise RuntimeError(f"could not align the instruction \"{_short(text)}\" with its tokens (at the word "
+                           f"{words[cursor].text!r}); please report this instruction")
+    out = []
+    for number, ((sub_text, keyword), span, kw) in enumerate(zip(subs, spans, keyword_positions), 1):
+        if not kw:
+            raise InstructionSyntaxError(
+                f"the keyword '{keyword}' of sub-instruction {number} has no tokens of its own; mark a word.")
+        out.append(SubInstruction(sub_text, keyword, tuple(sorted(set(span))), tuple(sorted(set(kw)))))
+    return Instructions(text=prompt, tokens=tokens, subinstructions=out)
+
+
 def annotate_instructions(conditioning, instructions):
     """A copy of a CONDITIONING list whose cond dicts carry the Instructions (and, under
     attention/tokens.ANNOTATION_KEY, the prompt's PromptTokens, so word-based nodes work too)."""
@@ -244,4 +302,5 @@ def instructions_of(conditioning, input_name="positive"):
         f"the '{input_name}' conditioning carries no FoI sub-instructions. Encode the instruction "
         "with the 'Instruction Text Encode' node (attention_edit), marking one keyword per "
         "sub-instruction with asterisks, e.g. 'put a *hat* on the dog; make the *sky* a sunset', "
-        "then pass it through InstructPixToPixConditioning.")
+        "then pass it through InstructPixToPixConditioning (InstructPix2Pix) or ReferenceLatent (Flux "
+        "Kontext); for Qwen-Image-Edit use 'Instruction Text Encode (Qwen-Image-Edit)'.")

@@ -1,12 +1,16 @@
-"""FoI nodes: Instruction Text Encode, FoI Sampler, FoI Guider."""
+"""FoI nodes: Instruction Text Encode (+ its Qwen-Image-Edit form), FoI Sampler, FoI Guider, and
+their DiT forms for Flux Kontext and Qwen-Image-Edit."""
 import torch
 
-from ..attention.instructions import annotate_instructions, parse_instructions
+from ..attention.instructions import annotate_instructions, instructions_from_tokens, parse_instructions
+from ..attention.instructions import encoded_text, split_instructions
+from ..attention.tokens import tokens_of
 from ..masks.label import draw_label
 from ..masks.foi import resize_mask
 from ..samplers.foi import START_MODES, FoIConfig, foi_guider, parse_alphas, sample_foi
+from ..samplers.foi_dit import NO_IMAGE_KEY, FoIDiTConfig, foi_dit_guider, sample_foi_dit
 from .common import CATEGORY, LATENT_TO_IMAGE
-from .encode import encode
+from .encode import AttentionTextEncodeQwenImageEdit, encode
 
 FOI_CATEGORY = f"{CATEGORY}/foi"
 
@@ -27,10 +31,11 @@ class InstructionTextEncode:
     RETURN_NAMES = ("instruction", "null_instruction")
     FUNCTION = "run"
     CATEGORY = FOI_CATEGORY
-    DESCRIPTION = ("Encodes an InstructPix2Pix instruction made of sub-instructions with marked keywords, "
+    DESCRIPTION = ("Encodes an edit instruction made of sub-instructions with marked keywords, "
                    "e.g. 'put a *hat* on the dog; make the *sky* a sunset', as ONE prompt and records "
                    "each sub-instruction's tokens and keyword for FoI. null_instruction is the empty "
-                   "prompt (IP2P's negative). Connect both to InstructPixToPixConditioning.")
+                   "prompt. InstructPix2Pix: connect both to InstructPixToPixConditioning. Flux Kontext "
+                   "(T5 text encoder): connect both to ReferenceLatent (then FluxGuidance).")
 
     def run(self, clip, text):
         instructions = parse_instructions(clip, text)
@@ -164,13 +169,177 @@ class FoIGuiderNode:
         return (foi_guider(model, positive, negative, config),)
 
 
+class InstructionTextEncodeQwenImageEdit:
+    """Instruction Text Encode for Qwen-Image-Edit: TextEncodeQwenImageEdit's conditioning (the
+    image's vision tokens in the prompt, its latent as reference) of the instruction and of the
+    empty instruction, with the instruction's sub-instructions and keywords recorded."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "Qwen-Image's text encoder (qwen_2.5_vl_7b)."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "default": "put a *hat* on the dog; make the *sky* a sunset", "tooltip":
+                                "The edit instruction: sub-instructions separated by ';' or new lines, each "
+                                "with ONE keyword between asterisks. The asterisks are removed; the rest is "
+                                "encoded as one prompt."}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "Qwen-Image's VAE: encodes the image as the reference latent."}),
+            "image": ("IMAGE", {"tooltip": "The image to edit (rescaled to about 1 megapixel, as "
+                                "TextEncodeQwenImageEdit does)."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("instruction", "null_instruction")
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("TextEncodeQwenImageEdit for FoI: encodes the instruction (sub-instructions with *keywords*) "
+                   "and the empty instruction, both with the image, and records each sub-instruction's "
+                   "tokens. The empty prompt without the image rides along in null_instruction for FoI's "
+                   "third branch (image_cfg != 1). Connect both to FoI Sampler (DiT) / FoI Guider (DiT).")
+
+    def run(self, clip, text, vae=None, image=None):
+        split_instructions(text)  # syntax errors before any encoding
+        encoder = AttentionTextEncodeQwenImageEdit()
+        positive = encoder.run(clip, encoded_text(text), vae=vae, image=image)[0]
+        instructions = instructions_from_tokens(text, tokens_of(positive))
+        null = encoder.run(clip, "", vae=vae, image=image)[0]
+        no_image = encode(clip, "")  # eps(z, 0_I, 0_T): neither the image's tokens nor its latent
+        null = [[cond, {**options, NO_IMAGE_KEY: no_image}] for cond, options in null]
+        return (annotate_instructions(positive, instructions), null)
+
+
+def _dit_inputs():
+    return {
+        "text_cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
+                     "s_T, the instruction's guidance inside its mask. 0 = the model's official default: "
+                     "1.0 for Flux Kontext (guidance-distilled: FluxGuidance sets the strength), 2.5 for "
+                     "Qwen-Image-Edit (its true CFG scale)."}),
+        "image_cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "round": 0.01, "tooltip":
+                      "s_I: 1.0 = the models' own guidance (two branches). Other values add the branch "
+                      "without text and image (Eq. 9's image guidance; one more model evaluation per step)."}),
+        "gamma": ("INT", {"default": 3, "min": 0, "max": 10, "tooltip":
+                  "Rounds of 'square, then min-max normalise' that sharpen each keyword map (Eq. 2)."}),
+        "tau": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Mask threshold on the sharpened map (the paper samples it from 0.4-0.7). Lower = larger masks."}),
+        "blur_kernel": ("INT", {"default": 3, "min": 1, "max": 15, "step": 2, "tooltip":
+                        "Gaussian filter size applied to the keyword maps before sharpening (1 = off)."}),
+        "blur_sigma": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+                       "Gaussian filter sigma, in cells of the upsampled map."}),
+        "mask_upsample": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip":
+                          "The filter, Eq. 2 and tau run on the token map upsampled this many times; each "
+                          "token is in the mask when half its cells are. 1 = at the token grid (erodes a "
+                          "token at every mask border, docs/foi.md)."}),
+        "modulation": ("BOOLEAN", {"default": True, "tooltip":
+                       "Cross-condition attention modulation (Eq. 3-7) on the image->text scores of joint "
+                       "attention: outside its mask an instruction's scores are the null instruction's."}),
+        "alpha": ("STRING", {"default": "1.0", "tooltip":
+                  "Strength of each sub-instruction inside its mask (Eq. 6), comma-separated in instruction "
+                  "order (e.g. '1.0, 0.5'); one value applies to all."}),
+        "disentangle_fraction": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                 "Fraction of the steps whose guidance keeps the instruction inside the union "
+                                 "of the masks (Eq. 9). The models' plain guidance after."}),
+        "mask_blocks": ("STRING", {"default": "", "tooltip":
+                        "Blocks whose attention makes the masks at the first step, e.g. '15-18' or "
+                        "'double 3, single 0-9'; empty = the family default (late double / joint blocks)."}),
+    }
+
+
+def _dit_config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, mask_upsample, modulation, alpha,
+                disentangle_fraction, mask_blocks):
+    return FoIDiTConfig(s_T=text_cfg or None, s_I=image_cfg, gamma=gamma, tau=tau, kernel_size=blur_kernel,
+                        sigma=blur_sigma, mask_upsample=mask_upsample, modulation=modulation,
+                        alphas=parse_alphas(alpha), disentangle_fraction=disentangle_fraction,
+                        mask_blocks=mask_blocks)
+
+
+def latent_grid_masks(masks, latent_hw):
+    """Token-grid masks [B, K, gh, gw] -> each token's 2x2 latent cells, cropped to the latent."""
+    big = masks.float().repeat_interleave(2, -2).repeat_interleave(2, -1)
+    return big[..., :latent_hw[0], :latent_hw[1]]
+
+
+class FoIDiTSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        samplers = comfy.samplers.KSampler.SAMPLERS
+        inputs = {
+            "model": ("MODEL", {"tooltip": "Flux Kontext or Qwen-Image-Edit."}),
+            "positive": ("CONDITIONING", {"tooltip": "The instruction, with the image to edit: Instruction Text "
+                         "Encode -> ReferenceLatent -> FluxGuidance (Kontext), or Instruction Text Encode "
+                         "(Qwen-Image-Edit)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The null instruction, made the same way."}),
+            "latent_image": ("LATENT", {"tooltip": "Sets the batch and size (an empty latent, as in the "
+                             "models' own workflows)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "sampler_name": (samplers, {"default": "euler" if "euler" in samplers else samplers[0]}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }
+        inputs.update(_dit_inputs())
+        return {"required": inputs}
+
+    RETURN_TYPES = ("LATENT", "MASK", "IMAGE")
+    RETURN_NAMES = ("latent", "keyword_masks", "mask_preview")
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("FoI (Focus on Your Instruction, CVPR 2024) on Flux Kontext and Qwen-Image-Edit: each "
+                   "sub-instruction acts inside the region its keyword attends to at the first step. Outputs "
+                   "the edited latent, one mask per keyword (per image), and a preview of the masks.")
+
+    def run(self, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, denoise,
+            text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, mask_upsample, modulation, alpha,
+            disentangle_fraction, mask_blocks):
+        config = _dit_config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, mask_upsample, modulation,
+                             alpha, disentangle_fraction, mask_blocks)
+        out, guider = sample_foi_dit(model, positive, negative, latent_image, seed, steps, sampler_name,
+                                     scheduler, denoise, config)
+        latent_hw = tuple(out["samples"].shape[-2:])
+        masks = latent_grid_masks(guider.masks, latent_hw)
+        keywords = guider.state.instructions.keywords
+        return (out, image_masks(masks, latent_hw), mask_preview(masks, keywords, latent_hw))
+
+
+class FoIDiTGuiderNode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = {
+            "model": ("MODEL", {"tooltip": "Flux Kontext or Qwen-Image-Edit."}),
+            "positive": ("CONDITIONING", {"tooltip": "The instruction with the image to edit (see FoI Sampler (DiT))."}),
+            "negative": ("CONDITIONING", {"tooltip": "The null instruction with the image to edit."}),
+        }
+        inputs.update(_dit_inputs())
+        return {"required": inputs}
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "run"
+    CATEGORY = FOI_CATEGORY
+    DESCRIPTION = ("FoI on Flux Kontext / Qwen-Image-Edit as a GUIDER for SamplerCustomAdvanced; the masks are "
+                   "made at the first step.")
+
+    def run(self, model, positive, negative, text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma,
+            mask_upsample, modulation, alpha, disentangle_fraction, mask_blocks):
+        config = _dit_config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, mask_upsample, modulation,
+                             alpha, disentangle_fraction, mask_blocks)
+        return (foi_dit_guider(model, positive, negative, config),)
+
+
 NODE_CLASS_MAPPINGS = {
     "AttentionEditInstructionEncode": InstructionTextEncode,
     "AttentionEditFoISampler": FoISampler,
     "AttentionEditFoIGuider": FoIGuiderNode,
+    "AttentionEditInstructionEncodeQwenImageEdit": InstructionTextEncodeQwenImageEdit,
+    "AttentionEditFoIDiTSampler": FoIDiTSampler,
+    "AttentionEditFoIDiTGuider": FoIDiTGuiderNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AttentionEditInstructionEncode": "Instruction Text Encode",
     "AttentionEditFoISampler": "FoI Sampler",
     "AttentionEditFoIGuider": "FoI Guider",
+    "AttentionEditInstructionEncodeQwenImageEdit": "Instruction Text Encode (Qwen-Image-Edit)",
+    "AttentionEditFoIDiTSampler": "FoI Sampler (Kontext / Qwen-Image-Edit)",
+    "AttentionEditFoIDiTGuider": "FoI Guider (Kontext / Qwen-Image-Edit)",
 }

@@ -71,6 +71,27 @@ def foi_settings(**changes):
             "modulation": True, "alpha": "1.0", "disentangle_fraction": 0.75, **changes}
 
 
+def dit_model(family):
+    from ae_testlib import dit_host
+
+    return dit_host.model(family)  # skips (the host skip) where ComfyUI has no DiT models
+
+
+def kontext_conds(text="put a *hat* on the dog"):
+    """Instruction Text Encode (T5) + what ReferenceLatent and FluxGuidance add, for Flux Kontext."""
+    dit_text.require_dit_clip("flux")
+    positive, negative = call("AttentionEditInstructionEncode", clip=dit_text.build_dit_clip("flux"), text=text)
+    ref = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(3))
+    add = lambda conds: [[c, {**d, "reference_latents": [ref], "guidance": 2.5}] for c, d in conds]  # noqa: E731
+    return add(positive), add(negative)
+
+
+def foi_dit_settings(**changes):
+    return {"text_cfg": 0.0, "image_cfg": 1.0, "gamma": 3, "tau": 0.5, "blur_kernel": 3, "blur_sigma": 0.5,
+            "mask_upsample": 4, "modulation": True, "alpha": "1.0", "disentangle_fraction": 0.75,
+            "mask_blocks": "", **changes}
+
+
 def inputs(key, **changes):
     """Valid inputs of node `key` with `changes` applied."""
     if key == "AttentionEditTextEncode":
@@ -113,6 +134,17 @@ def inputs(key, **changes):
                 "mask": box_mask(), "edit_words": "red", "steps": 3, "cfg": 7.5, "optimized_steps": 1,
                 "iterations": 1, "scale": 2.5, "loss": "token", "cross_injection": 0.8, "self_injection": 0.5,
                 "blend_steps": 1}
+    elif key == "AttentionEditInstructionEncodeQwenImageEdit":
+        dit_text.require_dit_clip("qwen_image")
+        base = {"clip": dit_text.build_dit_clip("qwen_image"), "text": "put a *hat* on the dog"}
+    elif key == "AttentionEditFoIDiTSampler":
+        positive, negative = kontext_conds()
+        base = {"model": dit_model("flux"), "positive": positive, "negative": negative,
+                "latent_image": latent(channels=16, hw=(8, 12)), "seed": 0, "steps": 2, "sampler_name": "euler",
+                "scheduler": "simple", "denoise": 1.0, **foi_dit_settings()}
+    elif key == "AttentionEditFoIDiTGuider":
+        positive, negative = kontext_conds()
+        base = {"model": dit_model("flux"), "positive": positive, "negative": negative, **foi_dit_settings()}
     else:
         raise KeyError(f"no test call for node {key}: add one to tests/node_calls.py")
     return {**base, **changes}

@@ -96,6 +96,7 @@ def test_node_leaves_no_global_trace(key, comfy_host):
     inputs = node_calls.inputs(key)  # builds (and caches) what the call needs first
     models = [v for v in inputs.values() if hasattr(v, "model_options") and hasattr(v, "patches")]
     assert models or key in {"AttentionEditTextEncode", "AttentionEditTextEncodeQwenImageEdit",
+                             "AttentionEditInstructionEncodeQwenImageEdit",
                              "AttentionEditInstructionEncode", "AttentionEditHeatmap",
                              "AttentionEditMask", "AttentionEditInstDiffEditMask"}
     with torch.inference_mode():  # ComfyUI's executor runs every node inside inference mode

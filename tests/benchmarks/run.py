@@ -1,7 +1,7 @@
-"""Benchmarks: `python tests/benchmarks/run.py [--only record,instdiffedit,foi,magedit,dit_record,instdiffedit_dit]`.
+"""Benchmarks: `python tests/benchmarks/run.py [--only NAME,...]`, NAME one of BENCHES.
 
-Full-size SD1.5 UNets (dit_record, instdiffedit_dit: full-width Flux blocks) with random weights on CPU, variants timed side by side in one run
-(interleaved repeats, medians). CPU times are noisy; the ratios are what count.
+Full-size SD1.5 UNets (dit_record and the *_dit ones: full-width DiT blocks) with random weights on
+CPU, variants timed side by side in one run (interleaved repeats, medians). CPU times are noisy; the ratios are what count.
 """
 import argparse
 import importlib
@@ -9,7 +9,7 @@ import time
 
 from common import host, setup
 
-BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit")
+BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit", "foi_dit")
 
 
 def main():
@@ -20,6 +20,8 @@ def main():
     parser.add_argument("--steps-512", type=int, default=2)
     parser.add_argument("--dit-steps", type=int, default=1, help="dit_record: sampling steps per run")
     parser.add_argument("--dit-sizes", default="512,1024", help="dit_record: image sizes in px")
+    parser.add_argument("--foi-dit-size", type=int, default=512, help="foi_dit: image size in px")
+    parser.add_argument("--foi-dit-steps", type=int, default=3, help="foi_dit: sampling steps per run")
     args = parser.parse_args()
     print(f"host: {setup()}")
     models = {}

@@ -1,0 +1,278 @@
+"""FoI ("Focus on Your Instruction", Guo & Lin, CVPR 2024) on the DiT instruction-editing models
+Flux Kontext and Qwen-Image-Edit, as a ComfyUI guider. docs/foi.md ("DiT models").
+
+Branches (one calc_cond_batch per model evaluation):
+    instruction + image        eps(z, I, T)    the positive
+    null instruction + image   eps(z, I, 0_T)  the negative with the reference image
+    neither                    eps(z, 0_I, 0_T) only when s_I != 1 (its weight is 1 - s_I)
+in the order that makes ComfyUI run the null's forward before or with the instruction's (its
+image queries are needed for the instruction's attention modulation, attention/foi_dit.py):
+[instruction, null] when the contexts have one length (Kontext: batched; a memory split takes
+conds from the end), [null, instruction] when they differ (Qwen-Image-Edit: one forward each, in
+list order); the neither branch last.
+
+Guidance, Eq. 9 with the branches each model has:
+    eps = eps_none + s_I (eps_img - eps_none) + s_T (eps_full - eps_img) * M_union
+- Qwen-Image-Edit runs true CFG (cfg on the empty prompt with the image): that is Eq. 9 with
+  s_I = 1 (eps_none drops out) and s_T = cfg; s_I != 1 adds the third branch (IP2P's image guidance).
+- Flux Kontext is guidance-distilled (one prediction per step, FluxGuidance inside the model):
+  s_T = 1, s_I = 1, i.e. eps = eps_img + M_union (eps_full - eps_img), the masked combination of
+  the instruction's and the empty instruction's predictions.
+Step 0 has no masks yet (they are made from its attention): Eq. 1 (M_union = 1) and no modulation,
+as on the UNet path; Eq. 9 for steps 1 .. < disentangle_fraction * steps, Eq. 1 after.
+"""
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from ..attention.dit_families import family_of
+from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
+from ..attention.foi_modulation import xi
+from ..attention.instructions import instructions_of
+from ..attention.recorder import step_of_sigma
+from ..masks.foi import disentangled_guidance
+from ..masks.validate import check_finite, check_number
+from .common import (check_sampling, initial_noise, latent_samples, progress_callback, progress_disabled,
+                     schedule)
+
+NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
+
+
+@dataclass(frozen=True)
+class EditModel:
+    """The little FoI needs to know per model: its name, whether guidance is distilled, defaults."""
+
+    name: str
+    distilled: bool
+    s_T: float  # the official guidance this family starts from (docs/foi.md)
+    reference: str  # how its conditioning gets the reference image (for errors)
+
+
+KONTEXT = EditModel("Flux Kontext", True, 1.0, "ReferenceLatent (and FluxGuidance 2.5)")
+QWEN_EDIT = EditModel("Qwen-Image-Edit", False, 2.5, "Instruction Text Encode (Qwen-Image-Edit) with vae and image")
+
+
+def edit_model(model_patcher):
+    """EditModel of a ModelPatcher, or a clear error for other models."""
+    family = family_of(model_patcher)
+    name = getattr(family, "name", None)
+    if name == "Flux":
+        return KONTEXT
+    if name == "Qwen-Image":
+        return QWEN_EDIT
+    kind = type(model_patcher.model.diffusion_model).__name__
+    raise TypeError(
+        f"FoI for DiT models supports Flux Kontext and Qwen-Image-Edit; this model is {kind}"
+        f"{' (' + name + ')' if name else ''}. For InstructPix2Pix UNets use FoI Sampler / FoI Guider.")
+
+
+@dataclass
+class FoIDiTConfig:
+    s_T: float = None  # None: the model's default (EditModel.s_T)
+    s_I: float = 1.0
+    gamma: int = 3
+    tau: float = 0.5
+    kernel_size: int = 3
+    sigma: float = 0.5
+    mask_upsample: int = 4  # Eq. 2 on the token map upsampled this many times (masks.foi.dit_keyword_masks)
+    modulation: bool = True
+    alphas: list = field(default_factory=list)
+    disentangle_fraction: float = 0.75
+    mask_blocks: str = ""  # dit_families.parse_blocks spec; '' = the family default
+    xi_scale: float = 0.05
+    xi_power: float = 4
+
+    def validate(self):
+        if self.s_T is not None:
+            check_number(self.s_T, "text_cfg", 0.0)
+        check_number(self.s_I, "image_cfg", 0.0)
+        check_number(self.gamma, "gamma", 0, 10, integer=True)
+        check_number(self.tau, "tau", 0.0, 1.0, hint="threshold on the sharpened map, which lies in [0, 1]")
+        kernel = check_number(self.kernel_size, "blur_kernel", 1, 15, integer=True)
+        if kernel % 2 == 0:
+            raise ValueError(f"'blur_kernel' must be odd (1, 3, 5, ...), so the filter is centred; got {kernel}")
+        check_number(self.sigma, "blur_sigma", 0.0, 5.0)
+        check_number(self.mask_upsample, "mask_upsample", 1, 16, integer=True)
+        for value in self.alphas:
+            check_number(value, "alpha", 0.0, hint="one strength per sub-instruction, e.g. '1.0, 0.5'")
+        check_number(self.disentangle_fraction, "disentangle_fraction", 0.0, 1.0)
+        return self
+
+
+def flow_t(model_sampling, sigma):
+    """t in [0, 1] for Eq. 7: a flow model's sigma is its time (1 = noise); others as the UNet path."""
+    if hasattr(model_sampling, "multiplier"):  # ModelSamplingFlux / CONST flow models
+        return min(max(float(sigma), 0.0), 1.0)
+    from .foi import normalised_t
+
+    return normalised_t(model_sampling, sigma)
+
+
+def _single(conditioning, name):
+    if len(conditioning) != 1:
+        raise ValueError(f"FoI needs the '{name}' conditioning as one prompt, got {len(conditioning)} entries "
+                         "(Conditioning Combine / area conditioning). Encode the whole instruction in one "
+                         "Instruction Text Encode node.")
+
+
+def dit_conds(positive, negative, model):
+    """(null + image, instruction + image, neither) conds from the positive / negative."""
+    _single(positive, "positive")
+    _single(negative, "negative")
+    pos_cond, pos_options = positive[0]
+    if not pos_options.get("reference_latents"):
+        raise ValueError(
+            f"the positive conditioning carries no reference image: {model.name} edits the image it is given "
+            f"through the conditioning. Pass the instruction (and the null instruction) through "
+            f"{model.reference} before FoI.")
+    neg_cond, neg_options = negative[0]
+    filled = {key: pos_options[key] for key in ("reference_latents", "reference_latents_method", "guidance")
+              if key in pos_options and key not in neg_options}
+    null = [[neg_cond, {**neg_options, **filled}]]
+    no_image = neg_options.get(NO_IMAGE_KEY)
+    if no_image is not None:
+        neither = no_image
+    else:
+        neither = [[neg_cond, {k: v for k, v in neg_options.items()
+                               if k not in ("reference_latents", "reference_latents_method", NO_IMAGE_KEY)}]]
+    return null, positive, neither
+
+
+def branch_order(positive, null):
+    """{branch: cond index}: instruction first when the contexts have one length, else the null."""
+    same = positive[0][0].shape[1:] == null[0][0].shape[1:]
+    return INSTRUCTION_FIRST if same else NULL_FIRST
+
+
+class FoIDiTGuider(comfy.samplers.CFGGuider):
+    """FoI for Flux Kontext / Qwen-Image-Edit: masks at step 0, modulation, disentangled guidance."""
+
+    def __init__(self, model_patcher, config=None):
+        self.model = edit_model(model_patcher)
+        self.config = (config or FoIDiTConfig()).validate()
+        if self.config.s_T is None:
+            self.config.s_T = self.model.s_T
+        self.state = FoIDiTState(mask_blocks=self.config.mask_blocks)
+        super().__init__(install_foi_dit(model_patcher.clone(), self.state))
+        self.schedule = None
+        self.evaluations = 0
+
+    def set_conds(self, positive, negative):
+        instructions = instructions_of(positive, "positive")
+        alphas = list(self.config.alphas)
+        if len(alphas) == 1:
+            alphas = alphas * len(instructions)
+        if alphas and len(alphas) != len(instructions):
+            raise ValueError(
+                f"alpha has {len(alphas)} values but the instruction has {len(instructions)} sub-instructions "
+                f"({'; '.join(instructions.keywords)}): give one value per sub-instruction, or one for all.")
+        if positive and positive[0][0].shape[1] != instructions.n_tokens:
+            raise ValueError(
+                f"the positive conditioning has {positive[0][0].shape[1]} tokens but its instruction "
+                f"\"{instructions.text[:60]}\" has {instructions.n_tokens}: a node between Instruction Text "
+                "Encode and FoI changed the text (connect its output directly, through ReferenceLatent / "
+                "FluxGuidance only).")
+        self.state.instructions = instructions
+        self.state.alphas = alphas or None
+        null, full, neither = dit_conds(positive, negative, self.model)
+        self.state.branches = dict(branch_order(full, null))
+        self.inner_set_conds({"negative": null, "positive": full, "neither": neither})
+
+    def set_cfg(self, s_T, s_I=None):
+        self.config.s_T = s_T
+        if s_I is not None:
+            self.config.s_I = s_I
+        self.cfg = s_T
+
+    @property
+    def masks(self):
+        """[B, K, gh, gw] keyword masks at the token grid of the last run (None before sampling)."""
+        return self.state.masks
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        self.state.begin(noise.shape[-2:])
+        self.schedule = sigmas.detach().float().cpu()
+        self.evaluations = 0
+        out = super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        return check_finite(out, "FoI's sampled latent")
+
+    def _step(self, timestep):
+        if self.schedule is None or self.schedule.numel() < 2:
+            return 0
+        return step_of_sigma(self.schedule, float(timestep.max()))
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        cfg, state = self.config, self.state
+        three = cfg.s_I != 1.0
+        order = state.branches
+        conds = [None] * (3 if three else 2)
+        for branch, key in (("instruction", "positive"), ("null", "negative"), ("neither", "neither")):
+            if order[branch] < len(conds):
+                conds[order[branch]] = self.conds.get(key)
+        extracting = state.phase == "extract"
+        state.next_call(cfg.modulation, xi(flow_t(self.inner_model.model_sampling, timestep.max()),
+                                           cfg.xi_scale, cfg.xi_power))
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        self.evaluations += 1
+        if extracting:
+            state.finish_extraction(cfg.gamma, cfg.tau, cfg.kernel_size, cfg.sigma, cfg.mask_upsample)
+
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        image, full = out[order["null"]], out[order["instruction"]]
+        none = out[order["neither"]] if three else image
+
+        n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
+        disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
+        union = state.union(x.shape[-2:], x.device) if disentangle else None
+        if union is not None and x.ndim > 4:  # Qwen-Image's latents are one-frame videos [B, C, 1, H, W]
+            union = union.reshape(union.shape[0], 1, *([1] * (x.ndim - 4)), *union.shape[-2:])
+        if "sampler_cfg_function" in model_options:
+            args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
+                    "model": self.inner_model, "model_options": model_options,
+                    "input_cond": conds[order["instruction"]], "input_uncond": conds[order["null"]]}
+            text_guided = x - model_options["sampler_cfg_function"](args)
+            result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
+        else:
+            result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
+
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            args = {"denoised": result, "cond": conds[order["instruction"]], "uncond": conds[order["null"]],
+                    "cond_scale": cfg.s_T,
+                    "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
+                    "sigma": timestep, "model_options": model_options, "input": x,
+                    "empty_cond": conds[order["neither"]] if three else None, "empty_cond_denoised": none,
+                    "foi_union": union}
+            result = fn(args)
+        return result
+
+
+def foi_dit_guider(model, positive, negative, config=None):
+    guider = FoIDiTGuider(model, config)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(guider.config.s_T)
+    return guider
+
+
+def sample_foi_dit(model, positive, negative, latent, seed, steps, sampler_name="euler", scheduler="simple",
+                   denoise=1.0, config=None, callback=None):
+    """Run FoI on Kontext / Qwen-Image-Edit from `latent` (an empty latent: these models take the
+    source image through the conditioning). Returns (LATENT dict, guider)."""
+    check_sampling(steps, denoise=denoise)
+    guider = foi_dit_guider(model, positive, negative, config)
+    sigmas = schedule(guider.model_patcher, steps, sampler_name, scheduler, denoise)
+    samples = latent_samples(model, latent)
+    noise = initial_noise({**latent, "samples": samples}, seed)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                        callback=callback or progress_callback(model, len(sigmas) - 1),
+                        disable_pbar=progress_disabled(), seed=seed)
+    result = dict(latent)
+    result["samples"] = out.to(comfy.model_management.intermediate_device())
+    return result, guider
+
