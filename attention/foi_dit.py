@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from ..masks.foi import dit_keyword_masks, token_region_mask
+from ..masks.foi import dit_keyword_masks, token_masks_to_latent, token_region_mask
 from ..masks.validate import check_finite
 from .dit_families import PATCH, layout_of, parse_blocks, require_family
 from .dit_kernel import bind_attention_args, heads_first, text_probabilities
@@ -210,9 +210,8 @@ class FoIDiTState:
         """Eq. 8: OR of the keyword masks, each token's 2x2 latent cells (cropped to the latent)."""
         key = ("union", tuple(latent_hw), device)
         if key not in self._cache:
-            union = (self.masks > 0.5).any(1, keepdim=True).to(torch.float32)
-            big = union.repeat_interleave(PATCH, -2).repeat_interleave(PATCH, -1)
-            self._cache[key] = big[..., :latent_hw[0], :latent_hw[1]].to(device)
+            union = (self.masks > 0.5).any(1, keepdim=True)
+            self._cache[key] = token_masks_to_latent(union, latent_hw, PATCH).to(device)
         return self._cache[key]
 
     def warn_unpaired(self):

@@ -19,6 +19,7 @@ class AttentionMaps:
     level: int  # maps are latent / 2**level
     no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
     family: Optional[str] = None  # the DiT family recorded (dit_families.Family.name); None: a UNet
+    normalise: Optional[str] = None  # DiT maps: "text" or "joint" rows (DiTRecorder); None: a UNet
 
     def __post_init__(self):
         # Small maps, checked once: NaN maps would give empty masks and black heatmaps silently.

@@ -81,6 +81,7 @@ class AttentionRecorder:
     """
 
     family = None  # the DiT family the maps come from (DiTRecorder); None for UNet layers
+    normalise = None  # DiT rows: "text" or "joint" (DiTRecorder); None for UNet cross-attention
 
     def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
@@ -165,4 +166,4 @@ class AttentionRecorder:
                 "negative (uncond) branch, that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
             )
         return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level,
-                             no_words=no_words, family=self.family)
+                             no_words=no_words, family=self.family, normalise=self.normalise)

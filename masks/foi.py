@@ -189,3 +189,10 @@ def dit_keyword_masks(keyword_maps, tau=0.5, gamma=3, kernel_size=3, sigma=0.5, 
         masks = resize_mask(masks, (h, w))
         soft = F.interpolate(soft.reshape(b * k, 1, h * u, w * u), size=(h, w), mode="area").reshape(b, k, h, w)
     return masks, soft
+
+
+def token_masks_to_latent(masks, latent_hw, patch):
+    """Token-grid masks [..., gh, gw] -> each token's patch x patch latent cells, cropped to the
+    latent (the token grid rounds odd latent sizes up)."""
+    big = masks.float().repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+    return big[..., :latent_hw[0], :latent_hw[1]]

@@ -76,11 +76,11 @@ def official_word_groups(prompt, token_decoded):
 
 
 def refine_mask(attn, word_groups, eos_index, theta_hi=0.9, theta_lo=0.6, phi=0.2,
-                position=None, exact=True, upscale=UPSCALE):
+                position=None, exact=True):
     """InstDiffEdit mask from aggregated cross-attention probabilities (official `get_mask`).
 
     attn: [B, h, w, T] (or [h, w, T], treated as B = 1) attention probabilities over the T
-    token columns of the edit prompt, any h x w; the mask is (upscale * h, upscale * w).
+    token columns of the edit prompt, any h x w; the mask is (4h, 4w).
     word_groups: per word, its token columns (see `official_word_groups`); eos_index: EOS column.
     theta_hi / theta_lo: S >= theta_hi gives P = +1, S <= theta_lo gives -1 (0.9 / 0.6 benchmark,
     0.9 / 0.3 demo). phi: blurred map > phi is the mask (0.2 benchmark, 0.3 demo).
@@ -88,14 +88,13 @@ def refine_mask(attn, word_groups, eos_index, theta_hi=0.9, theta_lo=0.6, phi=0.
     returned `position` back on later steps ([M] or [B, M]).
     A one-word prompt always uses its word map (P = [0, 1, 0], any given position ignored), as
     the official code does.
-    upscale: how much the maps are enlarged before the blur (official 4: 16x16 maps, 64x64 mask).
     """
     if not word_groups:
         raise ValueError("InstDiffEdit needs at least one word")
     if attn.dim() == 3:
         attn = attn.unsqueeze(0)
     maps = _token_maps(attn.float(), word_groups, eos_index)
-    word_maps = _exact_word_maps(maps, upscale) if exact else _float_word_maps(maps, upscale)
+    word_maps = _exact_word_maps(maps) if exact else _float_word_maps(maps)
     batch, n_maps = word_maps.shape[:2]
     index = similarity = None
     if n_maps == 3:  # official get_mask: len(images) == 3 -> the single word map
@@ -121,25 +120,25 @@ def _token_maps(attn, word_groups, eos_index):
     return torch.stack(maps, 1)
 
 
-def _exact_word_maps(maps, upscale):
+def _exact_word_maps(maps):
     """Official token_combination: uint8 scaling, PIL bicubic x4, inverted BOS, renormalisation."""
     peak = maps.amax(dim=(-2, -1), keepdim=True)
     scaled = torch.where(peak > 0, 255 * maps / peak, torch.zeros_like(maps))
     as_uint8 = scaled.clamp(0, 255).to(torch.int64)  # numpy astype(uint8) truncates
     h, w = maps.shape[-2:]
-    resized = _pil_resize_axis(as_uint8, upscale * w)
-    resized = _pil_resize_axis(resized.transpose(-1, -2), upscale * h).transpose(-1, -2)
+    resized = _pil_resize_axis(as_uint8, UPSCALE * w)
+    resized = _pil_resize_axis(resized.transpose(-1, -2), UPSCALE * h).transpose(-1, -2)
     resized[:, 0] = 255 - resized[:, 0]  # ImageChops.invert on the start-token map
     as_float = resized.float() / _device_scalar(255.0, maps)  # ToTensor
     return (_min_max(as_float) * 255.0).trunc()  # float32 renormalisation, astype(uint8)
 
 
-def _float_word_maps(maps, upscale):
+def _float_word_maps(maps):
     """Float-only token_combination: same steps without uint8 steps, torch bicubic resize."""
     peak = maps.amax(dim=(-2, -1), keepdim=True)
     scaled = torch.where(peak > 0, maps / peak, torch.zeros_like(maps))
     h, w = maps.shape[-2:]
-    resized = F.interpolate(scaled, size=(upscale * h, upscale * w), mode="bicubic",
+    resized = F.interpolate(scaled, size=(UPSCALE * h, UPSCALE * w), mode="bicubic",
                             align_corners=False).clamp(0, 1)
     resized[:, 0] = 1 - resized[:, 0]
     return _min_max(resized) * 255.0

@@ -2,11 +2,12 @@
 their DiT forms for Flux Kontext and Qwen-Image-Edit."""
 import torch
 
+from ..attention.dit_families import PATCH
 from ..attention.instructions import annotate_instructions, instructions_from_tokens, parse_instructions
 from ..attention.instructions import encoded_text, split_instructions
 from ..attention.tokens import tokens_of
 from ..masks.label import draw_label
-from ..masks.foi import resize_mask
+from ..masks.foi import resize_mask, token_masks_to_latent
 from ..samplers.foi import START_MODES, FoIConfig, foi_guider, parse_alphas, sample_foi
 from ..samplers.foi_dit import NO_IMAGE_KEY, FoIDiTConfig, foi_dit_guider, sample_foi_dit
 from .common import CATEGORY, LATENT_TO_IMAGE
@@ -253,12 +254,6 @@ def _dit_config(text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma, mask_u
                         mask_blocks=mask_blocks)
 
 
-def latent_grid_masks(masks, latent_hw):
-    """Token-grid masks [B, K, gh, gw] -> each token's 2x2 latent cells, cropped to the latent."""
-    big = masks.float().repeat_interleave(2, -2).repeat_interleave(2, -1)
-    return big[..., :latent_hw[0], :latent_hw[1]]
-
-
 class FoIDiTSampler:
     @classmethod
     def INPUT_TYPES(cls):
@@ -271,8 +266,8 @@ class FoIDiTSampler:
                          "Encode -> ReferenceLatent -> FluxGuidance (Kontext), or Instruction Text Encode "
                          "(Qwen-Image-Edit)."}),
             "negative": ("CONDITIONING", {"tooltip": "The null instruction, made the same way."}),
-            "latent_image": ("LATENT", {"tooltip": "Sets the batch and size (an empty latent, as in the "
-                             "models' own workflows)."}),
+            "latent_image": ("LATENT", {"tooltip": "Sets the batch and size: the VAE-encoded image, as the "
+                             "example workflows (at denoise 1 an empty latent of its size works the same)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
             "sampler_name": (samplers, {"default": "euler" if "euler" in samplers else samplers[0]}),
@@ -298,7 +293,7 @@ class FoIDiTSampler:
         out, guider = sample_foi_dit(model, positive, negative, latent_image, seed, steps, sampler_name,
                                      scheduler, denoise, config)
         latent_hw = tuple(out["samples"].shape[-2:])
-        masks = latent_grid_masks(guider.masks, latent_hw)
+        masks = token_masks_to_latent(guider.masks, latent_hw, PATCH)
         keywords = guider.state.instructions.keywords
         return (out, image_masks(masks, latent_hw), mask_preview(masks, keywords, latent_hw))
 

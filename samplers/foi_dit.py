@@ -21,9 +21,10 @@ Guidance, Eq. 9 with the branches each model has:
 Step 0 has no masks yet (they are made from its attention): Eq. 1 (M_union = 1) and no modulation,
 as on the UNet path; Eq. 9 for steps 1 .. < disentangle_fraction * steps, Eq. 1 after.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import torch
 
@@ -42,16 +43,15 @@ NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image e
 
 @dataclass(frozen=True)
 class EditModel:
-    """The little FoI needs to know per model: its name, whether guidance is distilled, defaults."""
+    """The little FoI needs to know per model: its name and defaults (guidance: module docstring)."""
 
     name: str
-    distilled: bool
     s_T: float  # the official guidance this family starts from (docs/foi.md)
     reference: str  # how its conditioning gets the reference image (for errors)
 
 
-KONTEXT = EditModel("Flux Kontext", True, 1.0, "ReferenceLatent (and FluxGuidance 2.5)")
-QWEN_EDIT = EditModel("Qwen-Image-Edit", False, 2.5, "Instruction Text Encode (Qwen-Image-Edit) with vae and image")
+KONTEXT = EditModel("Flux Kontext", 1.0, "ReferenceLatent (and FluxGuidance 2.5)")
+QWEN_EDIT = EditModel("Qwen-Image-Edit", 2.5, "Instruction Text Encode (Qwen-Image-Edit) with vae and image")
 
 
 def edit_model(model_patcher):
@@ -103,7 +103,7 @@ class FoIDiTConfig:
 
 def flow_t(model_sampling, sigma):
     """t in [0, 1] for Eq. 7: a flow model's sigma is its time (1 = noise); others as the UNet path."""
-    if hasattr(model_sampling, "multiplier"):  # ModelSamplingFlux / CONST flow models
+    if isinstance(model_sampling, comfy.model_sampling.CONST):  # rectified flow: Flux, SD3, Qwen-Image
         return min(max(float(sigma), 0.0), 1.0)
     from .foi import normalised_t
 
@@ -135,7 +135,8 @@ def dit_conds(positive, negative, model):
     if no_image is not None:
         neither = no_image
     else:
-        neither = [[neg_cond, {k: v for k, v in neg_options.items()
+        # the null's options (its guidance included), without the image: Eq. 9's eps(0_I, 0_T)
+        neither = [[neg_cond, {k: v for k, v in {**neg_options, **filled}.items()
                                if k not in ("reference_latents", "reference_latents_method", NO_IMAGE_KEY)}]]
     return null, positive, neither
 
@@ -151,7 +152,7 @@ class FoIDiTGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, model_patcher, config=None):
         self.model = edit_model(model_patcher)
-        self.config = (config or FoIDiTConfig()).validate()
+        self.config = replace(config or FoIDiTConfig()).validate()  # a copy: set_cfg writes it
         if self.config.s_T is None:
             self.config.s_T = self.model.s_T
         self.state = FoIDiTState(mask_blocks=self.config.mask_blocks)
@@ -261,8 +262,8 @@ def foi_dit_guider(model, positive, negative, config=None):
 
 def sample_foi_dit(model, positive, negative, latent, seed, steps, sampler_name="euler", scheduler="simple",
                    denoise=1.0, config=None, callback=None):
-    """Run FoI on Kontext / Qwen-Image-Edit from `latent` (an empty latent: these models take the
-    source image through the conditioning). Returns (LATENT dict, guider)."""
+    """Run FoI on Kontext / Qwen-Image-Edit from `latent` (the encoded image or an empty latent
+    of its size: these models take the source image through the conditioning). Returns (LATENT dict, guider)."""
     check_sampling(steps, denoise=denoise)
     guider = foi_dit_guider(model, positive, negative, config)
     sigmas = schedule(guider.model_patcher, steps, sampler_name, scheduler, denoise)

@@ -53,7 +53,6 @@ class UNetCapture:
     """The official capture: column 0 is CLIP's start token, the 4x mask is the latent."""
 
     level = UNET_LEVEL
-    upscale = idm.UPSCALE
 
     def __init__(self, tokens, input_name="positive"):
         self.groups, self.eos = word_groups(tokens, input_name)
@@ -68,8 +67,7 @@ class UNetCapture:
 
     def refine(self, attn, thresholds, position=None, exact=True):
         maps, groups, eos = self.maps_and_columns(attn)
-        return idm.refine_mask(maps, groups, eos, *thresholds, position=position, exact=exact,
-                               upscale=self.upscale)
+        return idm.refine_mask(maps, groups, eos, *thresholds, position=position, exact=exact)
 
     def to_latent(self, mask, latent_hw):
         """The refined mask at latent size: the 1/4 grid rounds up (stride-2 convolutions), so crop."""
@@ -141,4 +139,9 @@ def capture_for_maps(maps):
     tokens = maps.require_tokens()
     if maps.family is None:
         return UNetCapture(tokens, "attention_maps")
+    if maps.normalise != "text":  # the start map and thresholds were measured on text-key rows
+        raise ValueError(
+            f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
+            "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
+            "'text keys only' (the default) in KSampler (Record Attention).")
     return _dit_capture(maps.family, tokens, "attention_maps")

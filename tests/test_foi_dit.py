@@ -443,3 +443,33 @@ def test_qwen_image_edit_nodes_end_to_end():
                     foi_dit.FoIDiTConfig(s_I=1.5, mask_blocks="all"), steps=3)
     assert guider.evaluations == 3 and guider.state.stats["skipped"] == 0
     assert guider.state.stats["modulated"] == 2 * 2  # steps 1-2 x the two joint blocks
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_xi_time_is_the_flow_sigma(family):
+    """Eq. 7's t on rectified-flow models is sigma itself (Flux's ModelSamplingFlux has no
+    `multiplier`; Qwen-Image's discrete flow has one): both are CONST model samplings."""
+    sampling = dit_host.model(family).get_model_object("model_sampling")
+    for sigma in (0.9, 0.5, 0.2):
+        assert foi_dit.flow_t(sampling, torch.tensor(sigma)) == pytest.approx(sigma)
+
+
+def test_kontext_no_image_branch_keeps_the_null_guidance():
+    """FluxGuidance on the positive only: the null and the no-text-no-image branch both run at
+    the positive's guidance, so Eq. 9 mixes predictions made at one guidance."""
+    reference = torch.zeros(1, 16, 4, 4)
+    positive = [[torch.zeros(1, 3, 8), {"guidance": 2.5, "reference_latents": [reference]}]]
+    negative = [[torch.zeros(1, 3, 8), {}]]
+    null, full, neither = foi_dit.dit_conds(positive, negative, foi_dit.KONTEXT)
+    assert null[0][1]["guidance"] == neither[0][1]["guidance"] == 2.5
+    assert "reference_latents" in null[0][1] and "reference_latents" not in neither[0][1]
+    assert full is positive
+
+
+def test_guider_leaves_the_callers_config_unchanged():
+    """The guider fills s_T from the model's default and set_cfg writes s_T: on its own copy."""
+    config = foi_dit.FoIDiTConfig()
+    kontext = foi_dit.FoIDiTGuider(dit_host.model("flux"), config)
+    kontext.set_cfg(3.0)
+    assert config.s_T is None
+    assert foi_dit.FoIDiTGuider(dit_host.model("qwen"), config).config.s_T == foi_dit.QWEN_EDIT.s_T

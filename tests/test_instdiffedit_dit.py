@@ -204,3 +204,15 @@ def test_chroma_is_refused_with_the_reason():
     tokens = tokens_mod.prompt_tokens(dit_text.build_dit_clip("chroma"), PROMPT)
     with pytest.raises(TypeError, match=r"^InstDiffEdit does not support Chroma yet: .*single end token.*Flux"):
         edit(dit_host.model("chroma"), tokens, source(1, 16, 16))
+
+
+def test_mask_node_refuses_joint_normalised_maps(prompt_tokens):
+    """The start map and thresholds hold for rows renormalised over the text keys (the recorder's
+    default); maps of the joint row get an error naming the setting."""
+    tokens = prompt_tokens["flux"]
+    positive, negative = conds(tokens)
+    with torch.inference_mode():
+        _, maps = record.sample_recording(dit_host.model("flux"), 1, 2, 1.0, "euler", "normal", positive,
+                                          negative, source(1, 16, 16), normalise="joint")
+    with pytest.raises(ValueError, match="normalisation 'joint'.*'text keys only'"):
+        ide_nodes.InstDiffEditMask().run(maps, 0.9, 0.6, 0.2)
