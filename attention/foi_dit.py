@@ -28,6 +28,7 @@ from ..masks.validate import check_finite
 from .dit_families import PATCH, layout_of, parse_blocks, require_family
 from .dit_kernel import bind_attention_args, heads_first, text_probabilities
 from .foi_modulation import modulate_scores, token_alpha
+from .foi_patch import warn_empty_masks
 from .layers import ChainedPatch
 
 INSTRUCTION_FIRST = {"instruction": 0, "null": 1, "neither": 2}  # contexts of one length (batched)
@@ -182,11 +183,7 @@ class FoIDiTState:
         self.masks, self.soft_maps = dit_keyword_masks(maps, tau, gamma, kernel_size, sigma, upsample)
         self.prob_sum = None
         self.phase = "edit"
-        empty = [kw for kw, m in zip(self.instructions.keywords, self.masks.flatten(2).amax(-1).amax(0))
-                 if float(m) < 0.5]
-        if empty:
-            log.warning("FoI: the mask of keyword(s) %s is empty (flat attention map); those "
-                        "sub-instructions will barely edit. Try a lower tau.", ", ".join(empty))
+        warn_empty_masks(self.instructions.keywords, self.masks)
         return self.masks
 
     # ---- Eq. 3-6 inputs ------------------------------------------------------------------

@@ -113,11 +113,7 @@ class FoIState:
                                                    sigma=sigma)
         self.prob_sum = None
         self.phase = "edit"
-        empty = [kw for kw, m in zip(self.instructions.keywords, self.masks.flatten(2).amax(-1).amax(0))
-                 if float(m) < 0.5]
-        if empty:
-            log.warning("FoI: the mask of keyword(s) %s is empty (flat attention map); those "
-                        "sub-instructions will barely edit. Try a lower tau.", ", ".join(empty))
+        warn_empty_masks(self.instructions.keywords, self.masks)
         return self.masks
 
     # ---- masks for Eq. 3 and Eq. 9 ---------------------------------------------------------
@@ -160,6 +156,14 @@ class FoIState:
             self._warned_split = True
             log.warning("FoI: the instruction branch ran in a UNet call without the null-instruction "
                         "branch, so cross-attention modulation was skipped for that call.")
+
+
+def warn_empty_masks(keywords, masks):
+    """Log the keywords whose first-step mask ([B, K, h, w]) is empty in every image."""
+    empty = [kw for kw, m in zip(keywords, masks.flatten(2).amax(-1).amax(0)) if float(m) < 0.5]
+    if empty:
+        log.warning("FoI: the mask of keyword(s) %s is empty (flat attention map); those "
+                    "sub-instructions will barely edit. Try a lower tau.", ", ".join(empty))
 
 
 def _rows(chunks, index, per_chunk, device):

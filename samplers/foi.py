@@ -23,7 +23,7 @@ img + s_T (full - img) (Eq. 9 then masks what it adds to the image branch); the
 (plus empty_cond / empty_cond_denoised = the neither branch).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import comfy.model_management
 import comfy.samplers
@@ -140,19 +140,18 @@ def ip2p_conds(positive, negative):
     return positive, image_only, neither
 
 
-class FoIGuider(comfy.samplers.CFGGuider):
-    """IP2P three-branch guider with FoI masks, modulation and disentangle sampling."""
+class InstructionGuider(comfy.samplers.CFGGuider):
+    """What the UNet (IP2P) and DiT FoI guiders share: the instruction and its per-sub-instruction
+    alphas, s_T / s_I, the masks of the last run, the step index. Subclasses set `state`."""
 
-    def __init__(self, model_patcher, config=None):
-        require_ip2p(model_patcher)
-        self.config = (config or FoIConfig()).validate()
-        self.state = FoIState(mask_level=self.config.mask_level)
-        patched = install_foi(model_patcher.clone(), self.state)
-        super().__init__(patched)
+    def __init__(self, model_patcher, config):
+        self.config = replace(config).validate()  # a copy: set_cfg and defaults write into it
+        super().__init__(model_patcher)
         self.schedule = None
         self.evaluations = 0
 
-    def set_conds(self, positive, negative):
+    def set_instructions(self, positive):
+        """The positive's Instructions, with one alpha per sub-instruction, into the state."""
         instructions = instructions_of(positive, "positive")
         alphas = list(self.config.alphas)
         if len(alphas) == 1:
@@ -164,10 +163,7 @@ class FoIGuider(comfy.samplers.CFGGuider):
                 "sub-instruction, or one value for all.")
         self.state.instructions = instructions
         self.state.alphas = alphas or None
-        full, image_only, neither = ip2p_conds(positive, negative)
-        check_latent(self.model_patcher, full[0][1]["concat_latent_image"], "positive",
-                     "source image latent (InstructPixToPixConditioning's VAE)")
-        self.inner_set_conds({"positive": full, "middle": image_only, "negative": neither})
+        return instructions
 
     def set_cfg(self, s_T, s_I=None):
         self.config.s_T = s_T
@@ -177,7 +173,8 @@ class FoIGuider(comfy.samplers.CFGGuider):
 
     @property
     def masks(self):
-        """[B, K, h, w] keyword masks of the last run (None before sampling)."""
+        """[B, K, h, w] keyword masks of the last run (UNet: the mask layers' grid; DiT: the token
+        grid); None before sampling."""
         return self.state.masks
 
     @property
@@ -195,6 +192,23 @@ class FoIGuider(comfy.samplers.CFGGuider):
         if self.schedule is None or self.schedule.numel() < 2:
             return 0
         return step_of_sigma(self.schedule, float(timestep.max()))
+
+
+class FoIGuider(InstructionGuider):
+    """IP2P three-branch guider with FoI masks, modulation and disentangle sampling."""
+
+    def __init__(self, model_patcher, config=None):
+        require_ip2p(model_patcher)
+        config = config or FoIConfig()
+        self.state = FoIState(mask_level=config.mask_level)
+        super().__init__(install_foi(model_patcher.clone(), self.state), config)
+
+    def set_conds(self, positive, negative):
+        self.set_instructions(positive)
+        full, image_only, neither = ip2p_conds(positive, negative)
+        check_latent(self.model_patcher, full[0][1]["concat_latent_image"], "positive",
+                     "source image latent (InstructPixToPixConditioning's VAE)")
+        self.inner_set_conds({"positive": full, "middle": image_only, "negative": neither})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         cfg, state = self.config, self.state

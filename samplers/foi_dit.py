@@ -21,7 +21,7 @@ Guidance, Eq. 9 with the branches each model has:
 Step 0 has no masks yet (they are made from its attention): Eq. 1 (M_union = 1) and no modulation,
 as on the UNet path; Eq. 9 for steps 1 .. < disentangle_fraction * steps, Eq. 1 after.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.model_sampling
@@ -31,12 +31,11 @@ import torch
 from ..attention.dit_families import family_of
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
-from ..attention.instructions import instructions_of
-from ..attention.recorder import step_of_sigma
 from ..masks.foi import disentangled_guidance
-from ..masks.validate import check_finite, check_number
+from ..masks.validate import check_number
 from .common import (check_sampling, initial_noise, latent_samples, progress_callback, progress_disabled,
                      schedule)
+from .foi import InstructionGuider, normalised_t
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
 
@@ -105,8 +104,6 @@ def flow_t(model_sampling, sigma):
     """t in [0, 1] for Eq. 7: a flow model's sigma is its time (1 = noise); others as the UNet path."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):  # rectified flow: Flux, SD3, Qwen-Image
         return min(max(float(sigma), 0.0), 1.0)
-    from .foi import normalised_t
-
     return normalised_t(model_sampling, sigma)
 
 
@@ -147,62 +144,28 @@ def branch_order(positive, null):
     return INSTRUCTION_FIRST if same else NULL_FIRST
 
 
-class FoIDiTGuider(comfy.samplers.CFGGuider):
+class FoIDiTGuider(InstructionGuider):
     """FoI for Flux Kontext / Qwen-Image-Edit: masks at step 0, modulation, disentangled guidance."""
 
     def __init__(self, model_patcher, config=None):
         self.model = edit_model(model_patcher)
-        self.config = replace(config or FoIDiTConfig()).validate()  # a copy: set_cfg writes it
+        config = config or FoIDiTConfig()
+        self.state = FoIDiTState(mask_blocks=config.mask_blocks)
+        super().__init__(install_foi_dit(model_patcher.clone(), self.state), config)
         if self.config.s_T is None:
             self.config.s_T = self.model.s_T
-        self.state = FoIDiTState(mask_blocks=self.config.mask_blocks)
-        super().__init__(install_foi_dit(model_patcher.clone(), self.state))
-        self.schedule = None
-        self.evaluations = 0
 
     def set_conds(self, positive, negative):
-        instructions = instructions_of(positive, "positive")
-        alphas = list(self.config.alphas)
-        if len(alphas) == 1:
-            alphas = alphas * len(instructions)
-        if alphas and len(alphas) != len(instructions):
-            raise ValueError(
-                f"alpha has {len(alphas)} values but the instruction has {len(instructions)} sub-instructions "
-                f"({'; '.join(instructions.keywords)}): give one value per sub-instruction, or one for all.")
+        instructions = self.set_instructions(positive)
         if positive and positive[0][0].shape[1] != instructions.n_tokens:
             raise ValueError(
                 f"the positive conditioning has {positive[0][0].shape[1]} tokens but its instruction "
                 f"\"{instructions.text[:60]}\" has {instructions.n_tokens}: a node between Instruction Text "
                 "Encode and FoI changed the text (connect its output directly, through ReferenceLatent / "
                 "FluxGuidance only).")
-        self.state.instructions = instructions
-        self.state.alphas = alphas or None
         null, full, neither = dit_conds(positive, negative, self.model)
         self.state.branches = dict(branch_order(full, null))
         self.inner_set_conds({"negative": null, "positive": full, "neither": neither})
-
-    def set_cfg(self, s_T, s_I=None):
-        self.config.s_T = s_T
-        if s_I is not None:
-            self.config.s_I = s_I
-        self.cfg = s_T
-
-    @property
-    def masks(self):
-        """[B, K, gh, gw] keyword masks at the token grid of the last run (None before sampling)."""
-        return self.state.masks
-
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
-        self.state.begin(noise.shape[-2:])
-        self.schedule = sigmas.detach().float().cpu()
-        self.evaluations = 0
-        out = super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
-        return check_finite(out, "FoI's sampled latent")
-
-    def _step(self, timestep):
-        if self.schedule is None or self.schedule.numel() < 2:
-            return 0
-        return step_of_sigma(self.schedule, float(timestep.max()))
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         cfg, state = self.config, self.state
