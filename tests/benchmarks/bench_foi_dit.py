@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import interleaved, pack_module, report
+from common import cpu_timed, interleaved, pack_module, report
 from ae_testlib import dit_host
 
 common = pack_module("samplers.common")
@@ -74,14 +74,7 @@ def bench(title, model, positive, negative, size, steps, cfg, repeats, five_d=Fa
     shape = (1, 16, 1, size // 8, size // 8) if five_d else (1, 16, size // 8, size // 8)
     latent = {"samples": torch.zeros(*shape)}
     sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
-    cpu, evaluations = {}, {}
-
-    def measured(name, function):
-        def go():
-            start = time.thread_time()
-            function()
-            cpu.setdefault(name, []).append(time.thread_time() - start)
-        return go
+    evaluations = {}
 
     def plain():
         common.ksample(model, 0, steps, cfg, "euler", "simple", positive, negative, latent, sigmas)
@@ -91,8 +84,7 @@ def bench(title, model, positive, negative, size, steps, cfg, repeats, five_d=Fa
                                            foi_dit.FoIDiTConfig(s_T=cfg if cfg != 1.5 else 1.0))
         evaluations["FoI"] = (guider.evaluations, dict(guider.state.stats))
 
-    variants = {"same evaluations, no FoI": measured("same evaluations, no FoI", plain),
-                "FoI": measured("FoI", foi)}
+    variants, cpu = cpu_timed({"same evaluations, no FoI": plain, "FoI": foi})
     medians, runs = interleaved(variants, repeats)
     report(f"{title}, {size} px, {steps} steps", medians, "same evaluations, no FoI", target=1.10)
     for name, values in runs.items():

@@ -9,12 +9,11 @@ building the mask every step and blending. Target <= 1.10x; wall and sampling-th
     python tests/benchmarks/run.py --only instdiffedit_dit [--dit-sizes 512,1024 --repeats 4]
 """
 import statistics
-import time
 
 import torch
 
 import bench_dit_record
-from common import interleaved, pack_module, report
+from common import cpu_timed, interleaved, pack_module, report
 from ae_testlib import dit_text
 
 instdiffedit = pack_module("samplers.instdiffedit")
@@ -40,15 +39,6 @@ def run(args, model=None):
         source = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
         sigmas = instdiffedit.edit_schedule(model, steps, SAMPLER, SCHEDULER, STRENGTH)
         copies = {"samples": source.repeat(COPIES, 1, 1, 1)}
-        cpu = {}
-
-        def timed(name, function):
-            def go():
-                start = time.thread_time()
-                function()
-                cpu.setdefault(name, []).append(time.thread_time() - start)
-            return go
-
         def plain():
             common.ksample(model, 0, steps, CFG, SAMPLER, SCHEDULER, positive, negative, copies, sigmas,
                            callback=lambda *a: None)
@@ -58,8 +48,8 @@ def run(args, model=None):
                                              strength=STRENGTH, cfg=CFG, sampler_name=SAMPLER,
                                              scheduler=SCHEDULER, copies=COPIES, callback=lambda *a: None)
 
-        medians, runs = interleaved({"img2img KSampler": timed("img2img KSampler", plain),
-                                     "InstDiffEdit": timed("InstDiffEdit", edit)}, args.repeats)
+        variants, cpu = cpu_timed({"img2img KSampler": plain, "InstDiffEdit": edit})
+        medians, runs = interleaved(variants, args.repeats)
         title = (f"InstDiffEdit on full-width Flux blocks, {size} px, {len(sigmas) - 1} of {steps} steps "
                  f"(strength {STRENGTH}), {COPIES} copies, cfg {CFG}, {SAMPLER}")
         report(title, medians, "img2img KSampler", target=1.10)

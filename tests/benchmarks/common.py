@@ -52,6 +52,22 @@ def interleaved(variants, repeats):
     return {name: statistics.median(values) for name, values in times.items()}, times
 
 
+def cpu_timed(variants):
+    """{name: run} -> (the same runs, each also adding its sampling thread's CPU seconds to
+    cpu[name]; cpu). torch runs on that one thread: on a shared machine its CPU time is steadier
+    than wall time."""
+    cpu = {name: [] for name in variants}
+
+    def timed(name, run):
+        def go():
+            start = time.thread_time()
+            run()
+            cpu[name].append(time.thread_time() - start)
+        return go
+
+    return {name: timed(name, run) for name, run in variants.items()}, cpu
+
+
 def report(title, medians, baseline, target=None):
     base = medians[baseline]
     print(f"\n## {title}")
