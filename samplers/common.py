@@ -34,6 +34,12 @@ def refuse_dit(model, method):
             "(Qwen-Image-Edit, Flux Kontext), or load a UNet checkpoint for this node.")
 
 
+def latent_broadcast(mask, like):
+    """[B, H, W] mask -> broadcastable against latents [B, C, H, W], or Qwen-Image's one-frame
+    [B, C, 1, H, W]."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 3)), *mask.shape[1:])
+
+
 def model_latent_channels(model):
     """The channel count of the model's own latent format (4 for SD1.x / SDXL, 16 for SD3 / Flux,
     ...), or None where the model does not say."""

@@ -116,7 +116,7 @@ def normalised_t(model_sampling, sigma):
     return min(max((math.log(float(sigma)) - lo) / (hi - lo), 0.0), 1.0)
 
 
-def _single(conditioning, name):
+def require_single_prompt(conditioning, name):
     if len(conditioning) != 1:
         raise ValueError(
             f"FoI needs the '{name}' conditioning as one prompt, got {len(conditioning)} entries "
@@ -126,8 +126,8 @@ def _single(conditioning, name):
 
 def ip2p_conds(positive, negative):
     """(instruction + image, image only, neither) from InstructPixToPixConditioning's outputs."""
-    _single(positive, "positive")
-    _single(negative, "negative")
+    require_single_prompt(positive, "positive")
+    require_single_prompt(negative, "negative")
     image = positive[0][1].get("concat_latent_image")
     if image is None:
         raise ValueError(
@@ -193,6 +193,43 @@ class InstructionGuider(comfy.samplers.CFGGuider):
             return 0
         return step_of_sigma(self.schedule, float(timestep.max()))
 
+    def _pre_cfg(self, conds, out, x, timestep, model_options):
+        """ComfyUI's sampler_pre_cfg_function hooks on the branch predictions, as CFGGuider runs them."""
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds, "conds_out": out, "cond_scale": self.config.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        return out
+
+    def _disentangles(self, timestep, extracting):
+        """Eq. 9 (masked) for steps 1 .. < disentangle_fraction * steps; Eq. 1 at step 0 and after."""
+        n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
+        return not extracting and self._step(timestep) < self.config.disentangle_fraction * n_steps
+
+    def _guide(self, x, timestep, model_options, full, image, none, union, conds, post_extra=None):
+        """Eq. 9 from the branch predictions, with ComfyUI's sampler_cfg_function (its text term
+        replaces s_T (full - image)) and sampler_post_cfg_function hooks. conds: (instruction +
+        image, image only, neither) input conds, the last None where that branch did not run."""
+        cfg = self.config
+        cond, uncond, empty = conds
+        if "sampler_cfg_function" in model_options:
+            args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
+                    "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
+                    "model": self.inner_model, "model_options": model_options,
+                    "input_cond": cond, "input_uncond": uncond}
+            text_guided = x - model_options["sampler_cfg_function"](args)
+            result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
+        else:
+            result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
+
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            args = {"denoised": result, "cond": cond, "uncond": uncond, "cond_scale": cfg.s_T,
+                    "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
+                    "sigma": timestep, "model_options": model_options, "input": x,
+                    "empty_cond": empty, "empty_cond_denoised": none, **(post_extra or {})}
+            result = fn(args)
+        return result
+
 
 class FoIGuider(InstructionGuider):
     """IP2P three-branch guider with FoI masks, modulation and disentangle sampling."""
@@ -221,33 +258,10 @@ class FoIGuider(InstructionGuider):
         if extracting:
             state.finish_extraction(cfg.gamma, cfg.tau, cfg.kernel_size, cfg.sigma)
 
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
-                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
-            out = fn(args)
+        out = self._pre_cfg(conds, out, x, timestep, model_options)
         full, image, none = out[0], out[1], out[2]
-
-        n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
-        disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
-        union = state.union(x.shape[-2:], x.device) if disentangle else None
-        if "sampler_cfg_function" in model_options:
-            args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
-                    "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
-                    "model": self.inner_model, "model_options": model_options,
-                    "input_cond": conds[0], "input_uncond": conds[1]}
-            text_guided = x - model_options["sampler_cfg_function"](args)
-            # Eq. 9 with the hook's text term: (text_guided - image) replaces s_T (full - image)
-            result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
-        else:
-            result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
-
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            args = {"denoised": result, "cond": conds[0], "uncond": conds[1], "cond_scale": cfg.s_T,
-                    "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
-                    "sigma": timestep, "model_options": model_options, "input": x,
-                    "empty_cond": conds[2], "empty_cond_denoised": none}
-            result = fn(args)
-        return result
+        union = state.union(x.shape[-2:], x.device) if self._disentangles(timestep, extracting) else None
+        return self._guide(x, timestep, model_options, full, image, none, union, conds)
 
 
 def foi_guider(model, positive, negative, config=None):

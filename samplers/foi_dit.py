@@ -31,11 +31,10 @@ import torch
 from ..attention.dit_families import family_of
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
-from ..masks.foi import disentangled_guidance
 from ..masks.validate import check_number
-from .common import (check_sampling, initial_noise, latent_samples, progress_callback, progress_disabled,
-                     schedule)
-from .foi import InstructionGuider, normalised_t
+from .common import (check_sampling, initial_noise, latent_broadcast, latent_samples, progress_callback,
+                     progress_disabled, schedule)
+from .foi import InstructionGuider, normalised_t, require_single_prompt
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
 
@@ -107,17 +106,10 @@ def flow_t(model_sampling, sigma):
     return normalised_t(model_sampling, sigma)
 
 
-def _single(conditioning, name):
-    if len(conditioning) != 1:
-        raise ValueError(f"FoI needs the '{name}' conditioning as one prompt, got {len(conditioning)} entries "
-                         "(Conditioning Combine / area conditioning). Encode the whole instruction in one "
-                         "Instruction Text Encode node.")
-
-
 def dit_conds(positive, negative, model):
     """(null + image, instruction + image, neither) conds from the positive / negative."""
-    _single(positive, "positive")
-    _single(negative, "negative")
+    require_single_prompt(positive, "positive")
+    require_single_prompt(negative, "negative")
     pos_cond, pos_options = positive[0]
     if not pos_options.get("reference_latents"):
         raise ValueError(
@@ -183,37 +175,15 @@ class FoIDiTGuider(InstructionGuider):
         if extracting:
             state.finish_extraction(cfg.gamma, cfg.tau, cfg.kernel_size, cfg.sigma, cfg.mask_upsample)
 
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            args = {"conds": conds, "conds_out": out, "cond_scale": cfg.s_T, "timestep": timestep,
-                    "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
-            out = fn(args)
+        out = self._pre_cfg(conds, out, x, timestep, model_options)
         image, full = out[order["null"]], out[order["instruction"]]
         none = out[order["neither"]] if three else image
 
-        n_steps = max(len(self.schedule) - 1, 1) if self.schedule is not None else 1
-        disentangle = not extracting and self._step(timestep) < cfg.disentangle_fraction * n_steps
-        union = state.union(x.shape[-2:], x.device) if disentangle else None
-        if union is not None and x.ndim > 4:  # Qwen-Image's latents are one-frame videos [B, C, 1, H, W]
-            union = union.reshape(union.shape[0], 1, *([1] * (x.ndim - 4)), *union.shape[-2:])
-        if "sampler_cfg_function" in model_options:
-            args = {"cond": x - full, "uncond": x - image, "cond_scale": cfg.s_T, "timestep": timestep,
-                    "input": x, "sigma": timestep, "cond_denoised": full, "uncond_denoised": image,
-                    "model": self.inner_model, "model_options": model_options,
-                    "input_cond": conds[order["instruction"]], "input_uncond": conds[order["null"]]}
-            text_guided = x - model_options["sampler_cfg_function"](args)
-            result = disentangled_guidance(text_guided, image, none, 1.0, cfg.s_I, union)
-        else:
-            result = disentangled_guidance(full, image, none, cfg.s_T, cfg.s_I, union)
-
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            args = {"denoised": result, "cond": conds[order["instruction"]], "uncond": conds[order["null"]],
-                    "cond_scale": cfg.s_T,
-                    "model": self.inner_model, "uncond_denoised": image, "cond_denoised": full,
-                    "sigma": timestep, "model_options": model_options, "input": x,
-                    "empty_cond": conds[order["neither"]] if three else None, "empty_cond_denoised": none,
-                    "foi_union": union}
-            result = fn(args)
-        return result
+        union = state.union(x.shape[-2:], x.device) if self._disentangles(timestep, extracting) else None
+        if union is not None:
+            union = latent_broadcast(union[:, 0], x)  # Qwen-Image: one-frame latents [B, C, 1, H, W]
+        inputs = (conds[order["instruction"]], conds[order["null"]], conds[order["neither"]] if three else None)
+        return self._guide(x, timestep, model_options, full, image, none, union, inputs, {"foi_union": union})
 
 
 def foi_dit_guider(model, positive, negative, config=None):

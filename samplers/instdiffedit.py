@@ -54,7 +54,8 @@ import torch
 
 from ..attention.tokens import tokens_of
 from ..masks.validate import check_finite, check_number
-from .common import check_latent, check_sampling, latent_samples, progress_callback, progress_disabled, schedule
+from .common import (check_latent, check_sampling, latent_broadcast, latent_samples, progress_callback,
+                     progress_disabled, schedule)
 from .instdiffedit_capture import capture_for, capture_for_maps
 
 BACKGROUNDS = ("official", "matching")
@@ -114,11 +115,6 @@ def check_grid(grid, latent_hw, input_name="source"):
             "at least 40x40 px (512x512 for SD1.x, 1024x1024 for SDXL and DiT models work best).")
 
 
-def _as_latent_mask(mask, like):
-    """[B, H, W] -> broadcastable against latents [B, C, H, W] or [B, C, 1, H, W]."""
-    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 3)), *mask.shape[1:]).to(like)
-
-
 class _EditLoop:
     """Per-step mask and blend state of one InstDiffEdit sampling run."""
 
@@ -172,7 +168,7 @@ class _EditLoop:
 
     def blended(self, model, x, step):
         """x at the end of step `step - 1` blended with the source outside that step's mask."""
-        mask = _as_latent_mask(self.masks[step - 1].repeat_interleave(self.copies, 0), x)
+        mask = latent_broadcast(self.masks[step - 1].repeat_interleave(self.copies, 0), x).to(x)
         sigma = self.sigmas[step - 1] if self.background == "official" else self.sigmas[step]
         y = self.source_noised(model, sigma, x)
         return y + mask * (x - y)  # official use_mask: or_latent + mask * (x_t - or_latent)
