@@ -113,8 +113,13 @@ class Layout:
         return slice(self.n_txt, self.n_txt + self.n_img)
 
 
+def token_grid(latent_hw):
+    """The generated image's token grid (patch 2, padded) for a latent (h, w)."""
+    return (math.ceil(int(latent_hw[0]) / PATCH), math.ceil(int(latent_hw[1]) / PATCH))
+
+
 def layout_of(x, context, diffusion_model):
     """The token layout of one forward, from the APPLY_MODEL inputs (noisy latent, context)."""
-    height, width = x.shape[-2:]
+    height, width = token_grid(x.shape[-2:])
     registers = getattr(diffusion_model, "register_length", 0)
-    return Layout(registers, registers + context.shape[1], math.ceil(height / PATCH) * math.ceil(width / PATCH))
+    return Layout(registers, registers + context.shape[1], height * width)

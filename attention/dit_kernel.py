@@ -52,7 +52,7 @@ def heads_first(call):
     return q, k, v, mask
 
 
-def _sdpa_runs_cpu_flash(q, k, v, mask):
+def sdpa_runs_cpu_flash(q, k, v, mask):
     if q.device.type != "cpu" or (mask is not None and mask.dtype != q.dtype):
         return False
     choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, False)
@@ -73,7 +73,7 @@ def fused_available(func, call):
     from comfy.ldm.modules import attention
 
     q, k, v, mask = heads_first(call)
-    return q.shape[0] <= attention.SDP_BATCH_LIMIT and _sdpa_runs_cpu_flash(q, k, v, mask)
+    return q.shape[0] <= attention.SDP_BATCH_LIMIT and sdpa_runs_cpu_flash(q, k, v, mask)
 
 
 def fused_attention(call):
@@ -94,7 +94,7 @@ def logsumexp_rows(q, k, v, mask, rows):
     """lse of the query rows `rows` over all keys, beside an attention whose output we keep."""
     q_rows = q[:, :, rows]
     mask_rows = _rows(mask, rows)
-    if _sdpa_runs_cpu_flash(q_rows, k, v, mask_rows):
+    if sdpa_runs_cpu_flash(q_rows, k, v, mask_rows):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_rows, k, v, dropout_p=0.0, is_causal=False, attn_mask=mask_rows)[1]
     scale = q.shape[-1] ** -0.5

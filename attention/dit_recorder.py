@@ -41,21 +41,32 @@ class _Shared(ChainedPatch):
         self.recorder = recorder
 
 
-class _BlockTag(_Shared):
-    """patches_replace["dit"] patch: marks `key` as the running block, runs the block as before."""
+class BlockTag(ChainedPatch):
+    """patches_replace["dit"] patch: sets `owner.block` to `key` while the block runs (the pack's
+    DiT hooks read it), runs the block as before."""
 
-    def __init__(self, recorder, key, inner):
-        super().__init__(recorder, inner)
-        self.key = key
+    def __init__(self, owner, key, inner):
+        super().__init__(inner)
+        self.owner, self.key = owner, key
 
     def __call__(self, args, extra):
-        previous, self.recorder.block = self.recorder.block, self.key
+        previous, self.owner.block = self.owner.block, self.key
         try:
             if self.inner is not None:
                 return self.inner(args, extra)
             return extra["original_block"](args)
         finally:
-            self.recorder.block = previous
+            self.owner.block = previous
+
+
+def tag_blocks(model_clone, keys, owner):
+    """A BlockTag on each ("double_block" / "single_block", i) of a clone, chained to the patch
+    there before; returns {key: tag}."""
+    existing = model_clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    tags = {key: BlockTag(owner, key, existing.get(key)) for key in keys}
+    for key, tag in tags.items():
+        model_clone.set_model_patch_replace(tag, "dit", *key)  # copies transformer_options, as ComfyUI does
+    return tags
 
 
 class _AttentionOverride(_Shared):
@@ -125,10 +136,7 @@ class DiTRecorder(AttentionRecorder):
         self.blocks = parse_blocks(self.blocks_spec, family, self.diffusion_model)
         self.latent_hw = tuple(latent_hw)
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
-        existing = model_clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        self._tags = {key: _BlockTag(self, key, existing.get(key)) for key in self.blocks}
-        for key, tag in self._tags.items():
-            model_clone.set_model_patch_replace(tag, "dit", *key)  # copies transformer_options, as ComfyUI does
+        self._tags = tag_blocks(model_clone, self.blocks, self)
         options = model_clone.model_options["transformer_options"]
         options["optimized_attention_override"] = _AttentionOverride(self, options.get("optimized_attention_override"))
         self._dit_keys = set(options["patches_replace"]["dit"])

@@ -25,8 +25,9 @@ import torch
 
 from ..masks.foi import dit_keyword_masks, token_masks_to_latent, token_region_mask
 from ..masks.validate import check_finite
-from .dit_families import PATCH, layout_of, parse_blocks, require_family
-from .dit_kernel import bind_attention_args, heads_first, text_probabilities
+from .dit_families import PATCH, layout_of, parse_blocks, require_family, token_grid
+from .dit_kernel import bind_attention_args, heads_first, sdpa_runs_cpu_flash, text_probabilities
+from .dit_recorder import tag_blocks
 from .foi_modulation import modulate_scores, token_alpha
 from .foi_patch import warn_empty_masks
 from .layers import ChainedPatch
@@ -37,11 +38,6 @@ WRAPPER_KEY = "attention_edit_foi_dit"
 LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 image x key logits built at once
 
 log = logging.getLogger("attention_edit")
-
-
-def token_grid(latent_hw):
-    """The generated image's token grid (patch 2, padded) for a latent [h, w]."""
-    return (-(-int(latent_hw[0]) // PATCH), -(-int(latent_hw[1]) // PATCH))
 
 
 def _rows(chunks, index, per_chunk):
@@ -58,12 +54,10 @@ def _rows(chunks, index, per_chunk):
 def _attend_lse(q, k, v, bias):
     """softmax(q k^T / sqrt(d) + bias) v and its row log-sum-exp, without a full logits matrix
     where a fused kernel applies; q [B, H, I, D], k/v [B, H, R, D], bias [B or 1, 1 or H, I, R]."""
-    if q.device.type == "cpu" and (bias is None or bias.dtype == q.dtype):
-        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, False)
-        if choice == torch.nn.attention.SDPBackend.FLASH_ATTENTION.value:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p=0.0, is_causal=False, attn_mask=bias)
-            return out.float(), lse.float()
+    if sdpa_runs_cpu_flash(q, k, v, bias):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p=0.0, is_causal=False, attn_mask=bias)
+        return out.float(), lse.float()
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
         try:
             attn_bias = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
@@ -227,21 +221,6 @@ class _Forward:
         self.calls = 0  # attention calls so far in this forward (the same order in every branch)
 
 
-class _BlockTag(ChainedPatch):
-    """patches_replace["dit"] patch on a mask block: marks it running, runs the block as before."""
-
-    def __init__(self, state, key, inner):
-        super().__init__(inner)
-        self.state, self.key = state, key
-
-    def __call__(self, args, extra):
-        previous, self.state.block = self.state.block, self.key
-        try:
-            return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
-        finally:
-            self.state.block = previous
-
-
 class _FoIOverride(ChainedPatch):
     """optimized_attention_override: step-0 recording in the mask blocks, Eq. 3 after."""
 
@@ -356,9 +335,7 @@ def install_foi_dit(model_clone, state):
     family = require_family(model_clone)
     diffusion_model = model_clone.model.diffusion_model
     state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model)
-    existing = model_clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key in state.mask_blocks:
-        model_clone.set_model_patch_replace(_BlockTag(state, key, existing.get(key)), "dit", *key)
+    tag_blocks(model_clone, state.mask_blocks, state)  # says when a mask block runs
     options = model_clone.model_options["transformer_options"]
     options["optimized_attention_override"] = _FoIOverride(state, options.get("optimized_attention_override"))
 
