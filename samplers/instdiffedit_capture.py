@@ -18,12 +18,12 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
   edited when at least half of its 2 x 2 mask pixels are.
 """
 import torch
-import torch.nn.functional as F
 
 from ..attention.dit_families import family_of
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm
+from ..masks.foi import resize_mask
 
 UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
@@ -97,8 +97,7 @@ class DiTCapture(UNetCapture):
         """[B, 4h, 4w] (2x the latent, padded grid) -> [B, H, W]: a latent pixel is edited when at
         least half of its 2 x 2 mask pixels are."""
         height, width = latent_hw
-        fine = _crop(mask, (2 * height, 2 * width))
-        return (F.avg_pool2d(fine[:, None], 2)[:, 0] >= 0.5).to(mask.dtype)
+        return resize_mask(_crop(mask, (2 * height, 2 * width)), latent_hw)  # area mean >= 0.5
 
 
 def start_columns(tokens):
