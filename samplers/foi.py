@@ -58,17 +58,22 @@ class FoIConfig:
     def validate(self):
         """ValueError naming the node input (as the FoI nodes show it) that is out of range."""
         check_number(self.s_T, "text_cfg", 0.0)
-        check_number(self.s_I, "image_cfg", 0.0)
-        check_number(self.gamma, "gamma", 0, 10, integer=True)
-        check_number(self.tau, "tau", 0.0, 1.0, hint="threshold on the sharpened map, which lies in [0, 1]")
-        kernel = check_number(self.kernel_size, "blur_kernel", 1, 15, integer=True)
-        if kernel % 2 == 0:
-            raise ValueError(f"'blur_kernel' must be odd (1, 3, 5, ...), so the filter is centred; got {kernel}")
-        check_number(self.sigma, "blur_sigma", 0.0, 5.0)
-        for value in self.alphas:
-            check_number(value, "alpha", 0.0, hint="one strength per sub-instruction, e.g. '1.0, 0.5'")
-        check_number(self.disentangle_fraction, "disentangle_fraction", 0.0, 1.0)
+        check_foi_settings(self)
         return self
+
+
+def check_foi_settings(config):
+    """The settings the IP2P and DiT FoI configs share, by their node input names (s_T aside)."""
+    check_number(config.s_I, "image_cfg", 0.0)
+    check_number(config.gamma, "gamma", 0, 10, integer=True)
+    check_number(config.tau, "tau", 0.0, 1.0, hint="threshold on the sharpened map, which lies in [0, 1]")
+    kernel = check_number(config.kernel_size, "blur_kernel", 1, 15, integer=True)
+    if kernel % 2 == 0:
+        raise ValueError(f"'blur_kernel' must be odd (1, 3, 5, ...), so the filter is centred; got {kernel}")
+    check_number(config.sigma, "blur_sigma", 0.0, 5.0)
+    for value in config.alphas:
+        check_number(value, "alpha", 0.0, hint="one strength per sub-instruction, e.g. '1.0, 0.5'")
+    check_number(config.disentangle_fraction, "disentangle_fraction", 0.0, 1.0)
 
 
 def parse_alphas(text):

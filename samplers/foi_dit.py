@@ -34,7 +34,7 @@ from ..attention.foi_modulation import xi
 from ..masks.validate import check_number
 from .common import (check_sampling, initial_noise, latent_broadcast, latent_samples, progress_callback,
                      progress_disabled, schedule)
-from .foi import InstructionGuider, normalised_t, require_single_prompt
+from .foi import InstructionGuider, check_foi_settings, normalised_t, require_single_prompt
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
 
@@ -83,19 +83,10 @@ class FoIDiTConfig:
     xi_power: float = 4
 
     def validate(self):
-        if self.s_T is not None:
+        if self.s_T is not None:  # None: the model's default
             check_number(self.s_T, "text_cfg", 0.0)
-        check_number(self.s_I, "image_cfg", 0.0)
-        check_number(self.gamma, "gamma", 0, 10, integer=True)
-        check_number(self.tau, "tau", 0.0, 1.0, hint="threshold on the sharpened map, which lies in [0, 1]")
-        kernel = check_number(self.kernel_size, "blur_kernel", 1, 15, integer=True)
-        if kernel % 2 == 0:
-            raise ValueError(f"'blur_kernel' must be odd (1, 3, 5, ...), so the filter is centred; got {kernel}")
-        check_number(self.sigma, "blur_sigma", 0.0, 5.0)
+        check_foi_settings(self)
         check_number(self.mask_upsample, "mask_upsample", 1, 16, integer=True)
-        for value in self.alphas:
-            check_number(value, "alpha", 0.0, hint="one strength per sub-instruction, e.g. '1.0, 0.5'")
-        check_number(self.disentangle_fraction, "disentangle_fraction", 0.0, 1.0)
         return self
 
 
