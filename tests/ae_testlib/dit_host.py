@@ -1,5 +1,13 @@
 """Tiny random-weight DiT models (Flux, Flux Kontext, Chroma, SD3, Qwen-Image) from ComfyUI's own
-classes, and the one skip for hosts without them (the PyPI snapshot predates ComfyUI's DiTs)."""
+classes, configured the way ComfyUI configures a checkpoint it loads.
+
+Each family is described by a *checkpoint skeleton*: the keys (with tiny shapes) by which
+`comfy.model_detection.detect_unet_config` recognises that family's checkpoints. The host's own
+detection turns it into a config, so every field a newer ComfyUI adds to its parameter
+dataclasses (0.19.3's `FluxParams.txt_ids_dims`, `ChromaParams.vec_in_dim`, ...) is filled as it
+fills it for a real checkpoint; only the widths detection cannot see are then set tiny. Checkpoint
+formats do not change between ComfyUI versions, parameter lists do.
+"""
 import functools
 
 import pytest
@@ -22,27 +30,61 @@ def require_dit_host():
         pytest.skip(reason)
 
 
-def _configs(size):
-    wide = size == "full"
-    flux = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768 if wide else POOLED_DIM,
-                context_in_dim=4096 if wide else CONTEXT_DIM, hidden_size=3072 if wide else 64,
-                mlp_ratio=4.0 if wide else 2.0, num_heads=24 if wide else 2, depth=2, depth_single_blocks=2,
-                axes_dim=[16, 56, 56] if wide else [8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
-                guidance_embed=True)
-    return {
-        "flux": flux,
-        "chroma": dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=CONTEXT_DIM,
-                       hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2,
-                       axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64,
-                       hidden_dim=32, n_layers=1),
-        "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=POOLED_DIM,
-                    pos_embed_max_size=32, qk_norm="rms", x_block_self_attn_layers=[0],
-                    context_embedder_config={"target": "torch.nn.Linear",
-                                             "params": {"in_features": CONTEXT_DIM, "out_features": 128}}),
-        "qwen": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
-                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
-                     axes_dims_rope=(8, 12, 12)),
-    }
+def _blocks(pattern, count, shape):
+    return {pattern.format(i): shape for i in range(count)}
+
+
+def _skeleton(family, size):
+    """{key: shape} of a checkpoint of `family`: the keys detection reads, at the model's widths."""
+    full = size == "full"
+    if family == "flux":  # Flux.1 [dev] (guidance embedding; Kontext is the same checkpoint format)
+        hidden, context, pooled = (3072, 4096, 768) if full else (64, CONTEXT_DIM, POOLED_DIM)
+        return {"img_in.weight": (hidden, 16 * 4), "txt_in.weight": (hidden, context),
+                "vector_in.in_layer.weight": (hidden, pooled), "guidance_in.in_layer.weight": (hidden, 256),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (hidden // 24,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (hidden // 24,))}
+    if family == "chroma":  # no vector_in, no guidance_in: a distilled guidance layer instead
+        return {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM),
+                "distilled_guidance_layer.norms.0.scale": (32,),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
+    if family == "sd3":  # SD3.5-style: RMS q/k norm, one x-block self-attention layer
+        depth, hidden = 2, 128  # detection reads depth as x_embedder's width / 64
+        return {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 4, hidden),
+                "y_embedder.mlp.0.weight": (hidden, POOLED_DIM), "context_embedder.weight": (hidden, CONTEXT_DIM),
+                "pos_embed": (1, 32 * 32, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+                "joint_blocks.0.x_block.attn2.qkv.weight": (3 * hidden, hidden),
+                **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", depth, (3 * hidden, hidden))}
+    if family == "qwen":
+        return {"txt_norm.weight": (CONTEXT_DIM,), "img_in.weight": (64, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * 64, 64))}
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+# What detection cannot read from the skeleton's few keys (it assumes the full model's head count
+# and RoPE axes): the tiny widths, consistent with the skeleton's.
+_TINY = {
+    "flux": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
+                 context_in_dim=CONTEXT_DIM, vec_in_dim=POOLED_DIM),
+    "chroma": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM,
+                   out_dim=64, hidden_dim=32, n_layers=1),
+    "sd3": {},
+    "qwen": dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
+                 axes_dims_rope=(8, 12, 12)),
+}
+
+
+def detected_config(family, size="tiny"):
+    """The host's own detection of the family's checkpoint skeleton, with the tiny widths set."""
+    import comfy.model_detection
+
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(family, size).items()}
+    config = comfy.model_detection.detect_unet_config(skeleton, "")
+    if config is None:
+        raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
+    if size != "full":
+        config.update(_TINY[family])
+    return config
 
 
 def _init(model, seed):
@@ -59,13 +101,17 @@ def _init(model, seed):
 
 
 def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES)."""
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES), built by the
+    supported_models class ComfyUI picks for the detected config."""
     require_dit_host()
+    import comfy.model_detection
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
-    classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
-    model = classes[family](_configs(size)[family]).get_model({})
+    config = detected_config(family, size)
+    model_config = comfy.model_detection.model_config_from_unet_config(config)
+    if model_config is None:
+        raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    model = model_config.get_model({})
     _init(model, seed)
     model.eval()
     cpu = torch.device("cpu")
