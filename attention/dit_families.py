@@ -48,6 +48,10 @@ def family_of(model_patcher):
     return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
+# The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
+OLDEST_DIT_HOST = "0.3.64"
+
+
 def require_family(model_patcher):
     family = family_of(model_patcher)
     if family is None:
@@ -56,7 +60,23 @@ def require_family(model_patcher):
             f"attention recording does not support this model ({name}); it supports SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."
         )
+    require_attention_override()
     return family
+
+
+def require_attention_override():
+    """Every DiT capture goes through transformer_options["optimized_attention_override"]
+    (ComfyUI 0.3.60+, in wrap_attn). An older ComfyUI never calls it: without this check its maps
+    would come back empty, without an error."""
+    import comfy.ldm.modules.attention as attention
+
+    if not hasattr(attention, "wrap_attn"):
+        raise RuntimeError(
+            f"attention-edit on DiT models ({SUPPORTED}) needs ComfyUI {OLDEST_DIT_HOST} or newer: this "
+            "ComfyUI has no attention override hook (transformer_options['optimized_attention_override'], "
+            "added in 0.3.60). Update ComfyUI (git pull, or Manager > Update ComfyUI); SD1.x, SD2.x and "
+            "SDXL models work on this version."
+        )
 
 
 def default_blocks(family, diffusion_model):

@@ -466,3 +466,15 @@ def test_planting_helper_biases_what_the_hooks_see(family):
     assert dit_plant.iou(mask[0] > 0.5, expected) >= 0.9
     assert dit_plant.WRAPPER_KEY not in str(base.wrappers)
     assert not torch.equal(plain(planted, positive, negative, latent, cfg=1.0), plain(base, positive, negative, latent, cfg=1.0))
+
+
+def test_a_comfyui_without_the_attention_override_gets_told_to_update(monkeypatch):
+    """Before ComfyUI 0.3.60 no attention call reaches transformer_options' override: the maps
+    would stay empty. The pack says which version it needs instead (README: Supported ComfyUI)."""
+    import comfy.ldm.modules.attention as attention
+
+    monkeypatch.delattr(attention, "wrap_attn")  # what such a ComfyUI lacks
+    latent = dit_host.latent("flux")
+    with pytest.raises(RuntimeError, match=r"needs ComfyUI 0\.3\.64 or newer.*Update ComfyUI"):
+        recording(dit_host.model("flux"), dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2),
+                  latent)
