@@ -55,9 +55,10 @@ def _skeleton(family, size):
                 "pos_embed": (1, 32 * 32, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
                 "joint_blocks.0.x_block.attn2.qkv.weight": (3 * hidden, hidden),
                 **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", depth, (3 * hidden, hidden))}
-    if family == "qwen":
-        return {"txt_norm.weight": (CONTEXT_DIM,), "img_in.weight": (64, 64),
-                **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * 64, 64))}
+    if family == "qwen":  # full: the model class's defaults are Qwen-Image's widths
+        hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
+        return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
