@@ -44,8 +44,12 @@ DEFAULT_SPAN = (0.79, 0.95)
 
 def family_of(model_patcher):
     """The Family of a ModelPatcher's diffusion model, or None for a UNet / unknown model."""
-    kind = type(model_patcher.model.diffusion_model)
-    return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+    diffusion_model = model_patcher.model.diffusion_model
+    kind = type(diffusion_model)
+    family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+    if family is not None and getattr(diffusion_model, "patch_size", PATCH) != PATCH:
+        return None  # another token layout in a known class: Flux.2 runs in Flux's class with patch 1
+    return family
 
 
 # The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
@@ -56,6 +60,8 @@ def require_family(model_patcher):
     family = family_of(model_patcher)
     if family is None:
         name = type(model_patcher.model.diffusion_model).__name__
+        variant = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}).get("image_model")
+        name = f"{name}, {variant}" if variant else name
         raise TypeError(
             f"attention recording does not support this model ({name}); it supports SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."

@@ -43,6 +43,11 @@ def _skeleton(family, size):
                 "vector_in.in_layer.weight": (hidden, pooled), "guidance_in.in_layer.weight": (hidden, 256),
                 **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (hidden // 24,)),
                 **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (hidden // 24,))}
+    if family == "flux2":  # Flux.2: Flux's class with global modulation, patch 1 on a 128-channel latent
+        return {"img_in.weight": (64, 128), "txt_in.weight": (64, CONTEXT_DIM),
+                "double_stream_modulation_img.lin.weight": (6 * 64, 64),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
     if family == "chroma":  # no vector_in, no guidance_in: a distilled guidance layer instead
         return {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM),
                 "distilled_guidance_layer.norms.0.scale": (32,),
@@ -59,7 +64,7 @@ def _skeleton(family, size):
         hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    raise ValueError(f"family must be one of {FAMILIES} or 'flux2' (unsupported), got {family!r}")
 
 
 # What detection cannot read from the skeleton's few keys (it assumes the full model's head count
@@ -67,6 +72,7 @@ def _skeleton(family, size):
 _TINY = {
     "flux": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
                  context_in_dim=CONTEXT_DIM, vec_in_dim=POOLED_DIM),
+    "flux2": dict(hidden_size=64, num_heads=2, axes_dim=[8, 8, 8, 8], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM),
     "chroma": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM,
                    out_dim=64, hidden_dim=32, n_layers=1),
     "sd3": {},

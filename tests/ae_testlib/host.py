@@ -76,6 +76,7 @@ FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
     #        or "file:PATH" relative to the host root)
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
+    "flux2": ("Flux.2 DiT models", ["comfy.supported_models:Flux2"]),
     "chroma": ("Chroma DiT models with their T5 text encoder",
                ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
     "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",
