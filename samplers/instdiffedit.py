@@ -99,10 +99,7 @@ def check_thresholds(theta_hi, theta_lo, phi):
 
 
 def check_source(model, samples, input_name="source", noise_mask=None):
-    # [B, C, H, W]; Qwen-Image's latents have a frame axis of one: [B, C, 1, H, W]
-    if samples.dim() not in (4, 5) or (samples.dim() == 5 and samples.shape[2] != 1):
-        raise ValueError(f"the '{input_name}' latent has shape {tuple(samples.shape)}; InstDiffEdit "
-                         "needs image latents [batch, channels, height, width] (VAE Encode)")
+    # the model's image latent shape ([B, C, H, W]; Qwen-Image [B, C, 1, H, W]) and channels
     check_latent(model, samples, input_name, noise_mask=noise_mask)
 
 
