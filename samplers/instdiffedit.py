@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from ..attention.tokens import tokens_of
+from ..attention.tokens import recorded_length, tokens_of
 from ..masks.validate import check_finite, check_number
 from .common import (check_latent, check_sampling, latent_broadcast, latent_samples, progress_callback,
                      progress_disabled, schedule)
@@ -246,7 +246,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
 
     patched = model.clone()
     sigmas = edit_schedule(patched, steps, sampler_name, scheduler, strength)
-    recorder = capture.recorder(positive[0][0].shape[1])
+    recorder = capture.recorder(recorded_length(positive))
     recorder.install(patched, latent_hw, sigmas)
     check_grid(recorder.grid, latent_hw)
 
