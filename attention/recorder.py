@@ -130,10 +130,10 @@ class AttentionRecorder:
 
     def _outer_sample(self, executor, *args, **kwargs):
         conds = (getattr(executor.class_obj, "conds", None) or {}).get(BRANCH_INPUTS[self.branch]) or []
-        annotated = {cond["uuid"] for cond in conds if ANNOTATION_KEY in cond and "uuid" in cond}
+        annotated = [cond for cond in conds if ANNOTATION_KEY in cond]
         # only a mix needs telling apart: all annotated (or none, a plain prompt) records every chunk
-        mixed = annotated and any(ANNOTATION_KEY not in cond for cond in conds)
-        self.recorded = annotated if mixed else None
+        mixed = 0 < len(annotated) < len(conds)
+        self.recorded = {cond.get("uuid") for cond in annotated} if mixed else None
         return executor(*args, **kwargs)
 
     def chunks_kept(self, options):

@@ -95,3 +95,12 @@ def test_dit_records_only_the_annotated_prompt(comfy_host, family, plain_tokens,
     maps = dit_maps(family, combine(plain, annotated) if plain_first else combine(annotated, plain))
     assert maps.tokens.text == "a cat" and maps.probs.shape == alone.probs.shape
     torch.testing.assert_close(maps.probs, alone.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_a_host_without_chunk_uuids_refuses_the_mix_instead_of_mixing(comfy_host):
+    recorder = pack_module("attention.recorder").AttentionRecorder()
+    assert recorder.chunks_kept({"cond_or_uncond": [0, 0]}) is None  # nothing mixed: every chunk
+    recorder.recorded = {"annotated-uuid"}
+    assert recorder.chunks_kept({"uuids": ["plain-uuid", "annotated-uuid"]}) == [False, True]
+    with pytest.raises(RuntimeError, match="Conditioning Combine.*Record with the Attention Text Encode prompt alone"):
+        recorder.chunks_kept({"cond_or_uncond": [0, 0]})
