@@ -141,7 +141,7 @@ class AttentionRecorder:
         if self.recorded is None:
             return None
         uuids = options.get("uuids")
-        if uuids is None:
+        if uuids is None or None in self.recorded:
             raise RuntimeError(
                 "this ComfyUI does not say which prompt each batch row belongs to, so a prompt joined to the "
                 "recorded one (Conditioning Combine with a plain CLIP Text Encode) cannot be left out of its "

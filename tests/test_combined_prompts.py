@@ -104,3 +104,6 @@ def test_a_host_without_chunk_uuids_refuses_the_mix_instead_of_mixing(comfy_host
     assert recorder.chunks_kept({"uuids": ["plain-uuid", "annotated-uuid"]}) == [False, True]
     with pytest.raises(RuntimeError, match="Conditioning Combine.*Record with the Attention Text Encode prompt alone"):
         recorder.chunks_kept({"cond_or_uncond": [0, 0]})
+    recorder.recorded = {None}  # an annotated cond without a uuid
+    with pytest.raises(RuntimeError, match="Conditioning Combine"):
+        recorder.chunks_kept({"uuids": ["plain-uuid", "other-uuid"]})
