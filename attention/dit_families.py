@@ -15,24 +15,44 @@ PATCH = 2  # every supported family patchifies the latent 2x2
 
 @dataclass(frozen=True)
 class Family:
+    """An image DiT with joint attention: [text | image | reference] queries and keys in one call."""
+
     name: str
     double: str  # attribute holding the double / joint blocks
     single: str = None  # attribute holding Flux-style single blocks, if any
+    patch = PATCH  # the diffusion model's patch_size for this token layout
+    video = False  # maps have a frame axis (WanFamily)
 
     def depth(self, diffusion_model, kind):
         attribute = self.double if kind == "double" else self.single
         return len(getattr(diffusion_model, attribute)) if attribute else 0
 
+    def layout(self, x, context, diffusion_model, kwargs):
+        """The token layout of one forward, from the APPLY_MODEL inputs."""
+        return layout_of(x, context, diffusion_model)
+
+    def map_grid(self, latent_dims):
+        """The recorded map's shape for a latent's dims after batch and channels."""
+        return token_grid(latent_dims[-2:])
+
+    def text_calls(self, diffusion_model, keys):
+        """{block key: index of the prompt's attention call inside the block}, or None where every
+        call long enough to hold text and image tokens is joint attention (the image families)."""
+        return None
+
+    def pixel_scale(self, diffusion_model):
+        return 8  # every image family's VAE downscales 8x
+
 
 # the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
 # token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
-FAMILIES = {
+FAMILIES = {  # (WanFamily entries are added below its class)
     "comfy.ldm.flux.model.Flux": Family("Flux", "double_blocks", "single_blocks"),
     "comfy.ldm.chroma.model.Chroma": Family("Chroma", "double_blocks", "single_blocks"),
     "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks"),
     "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": Family("Qwen-Image", "transformer_blocks"),
 }
-SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5 and Qwen-Image (incl. Edit)"
+SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) and Wan 2.1 / 2.2 video"
 
 # Default: the double / joint blocks at 79-95 % of their depth. ConceptAttention (Helbling et al.,
 # ICML 2025) finds Flux's sharpest text-image maps in its late double blocks and averages 15-18 of
@@ -47,9 +67,13 @@ def family_of(model_patcher):
     diffusion_model = model_patcher.model.diffusion_model
     kind = type(diffusion_model)
     family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
-    if family is not None and getattr(diffusion_model, "patch_size", PATCH) != PATCH:
+    if family is not None and tuple(_as_tuple(getattr(diffusion_model, "patch_size", family.patch))) != _as_tuple(family.patch):
         return None  # another token layout in a known class: Flux.2 runs in Flux's class with patch 1
     return family
+
+
+def _as_tuple(patch):
+    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch,)
 
 
 # The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
@@ -134,10 +158,13 @@ class Layout:
     prompt_start: int  # first conditioning token (after SD3's learned register tokens, if any)
     n_txt: int  # all text tokens (registers + conditioning)
     n_img: int  # the generated image's tokens; reference-image tokens follow them
+    query_start: int = None  # first generated-image query row; None: right after the text (joint)
+    n_real: int = None  # Wan: text keys before umT5's zeroed padding; None: every text key counts
 
     @property
     def image_rows(self):
-        return slice(self.n_txt, self.n_txt + self.n_img)
+        start = self.n_txt if self.query_start is None else self.query_start
+        return slice(start, start + self.n_img)
 
 
 def token_grid(latent_hw):
@@ -150,3 +177,50 @@ def layout_of(x, context, diffusion_model):
     height, width = token_grid(x.shape[-2:])
     registers = getattr(diffusion_model, "register_length", 0)
     return Layout(registers, registers + context.shape[1], height * width)
+
+
+# ---------------------------------------------------------------- Wan 2.1 / 2.2 (video)
+
+@dataclass(frozen=True)
+class WanFamily(Family):
+    """Wan video DiTs. Unlike the image families the prompt is not in a joint attention: each
+    block runs self-attention on the video tokens, then a separate text cross-attention
+    (q: video tokens, frame-major F' x H' x W', k: umT5's 512 keys, zero padding included). 2.1
+    I2V blocks make a CLIP-image cross-attention call first (257 keys) and add the outputs."""
+
+    patch = (1, 2, 2)
+    video = True
+
+    def layout(self, x, context, diffusion_model, kwargs):
+        frames, height, width = self.map_grid(x.shape[2:])
+        # Fun-Control's reference image is prepended as H' x W' tokens (ref_conv, 2x2 stride);
+        # Phantom's frames are appended after the video: the image rows skip the one, end before the other
+        reference = kwargs.get("reference_latent")
+        n_ref = 0
+        if getattr(diffusion_model, "ref_conv", None) is not None and reference is not None:
+            n_ref = (reference.shape[-2] // 2) * (reference.shape[-1] // 2)
+        # ComfyUI zeroes umT5's padding rows (zero_out_masked); they still become keys (text_embedding
+        # of zero is its bias), but are not the prompt: the rows past the last non-zero one
+        used = context.detach().abs().amax(dim=(0, 2)).nonzero()
+        n_real = int(used[-1]) + 1 if len(used) else context.shape[1]
+        return Layout(0, context.shape[1], frames * height * width, query_start=n_ref, n_real=n_real)
+
+    def map_grid(self, latent_dims):
+        frames = int(latent_dims[0]) if len(latent_dims) == 3 else 1
+        return (frames, *token_grid(latent_dims[-2:]))
+
+    def text_calls(self, diffusion_model, keys):
+        # calls inside a block: self-attention (0), [I2V: CLIP-image cross-attention (1)], text
+        blocks = getattr(diffusion_model, self.double)
+        return {key: 2 if type(blocks[key[1]].cross_attn).__name__ == "WanI2VCrossAttention" else 1
+                for key in keys}
+
+    def pixel_scale(self, diffusion_model):
+        return 16 if getattr(diffusion_model, "out_dim", 16) == 48 else 8  # Wan 2.2's 48-channel VAE: 16x
+
+
+# VACE's extra blocks (vace_blocks) run outside the blocks' patches_replace["dit"] calls, so they
+# are never inside a tagged block and never recorded. Wan 2.2 5B, 14B experts, I2V, Fun-Control
+# and Phantom run in WanModel.
+FAMILIES["comfy.ldm.wan.model.WanModel"] = WanFamily("Wan", "blocks")
+FAMILIES["comfy.ldm.wan.model.VaceWanModel"] = WanFamily("Wan VACE", "blocks")

@@ -1,4 +1,4 @@
-"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image) while sampling.
+"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image; Wan video) while sampling.
 
 Installed on the sampling clone through three public hooks, each chaining to what is there:
 - an APPLY_MODEL wrapper reads each forward's token layout (text length, image grid), its batch
@@ -9,15 +9,19 @@ Installed on the sampling clone through three public hooks, each chaining to wha
   chosen block of a recordable forward it adds the image queries' text probabilities to a running
   sum on the device (attention/dit_kernel.py), and returns the attention output the model would
   have computed without it, bit for bit.
+Which call of a block holds the prompt, and where the image queries sit, are family facts
+(dit_families.Family.layout / text_calls): joint attention for the image families, Wan's separate
+text cross-attention for video.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .dit_families import layout_of, parse_blocks, require_family
+from .dit_families import parse_blocks, require_family
 from .dit_kernel import (bind_attention_args, fused_attention, fused_available, heads_first,
                          logsumexp_rows, text_probabilities)
-from .layers import ChainedPatch, level_grid
+from .layers import ChainedPatch
 from .recorder import AttentionRecorder, branch_rows
 
 NORMALISATIONS = ("text", "joint")
@@ -31,6 +35,7 @@ class _Forward:
     layout: object  # dit_families.Layout
     rows: object  # slice or index tensor of the batch rows of the recorded branch
     chunks: int  # how many cond chunks of that branch the rows hold
+    text_calls: dict = None  # block key -> the prompt's call index in it (Wan); None: joint attention
 
 
 class _Shared(ChainedPatch):
@@ -50,13 +55,15 @@ class BlockTag(ChainedPatch):
         self.owner, self.key = owner, key
 
     def __call__(self, args, extra):
-        previous, self.owner.block = self.owner.block, self.key
+        owner = self.owner
+        previous = owner.block, owner.call
+        owner.block, owner.call = self.key, 0  # attention calls inside this block are counted from 0
         try:
             if self.inner is not None:
                 return self.inner(args, extra)
             return extra["original_block"](args)
         finally:
-            self.owner.block = previous
+            owner.block, owner.call = previous
 
 
 def tag_blocks(model_clone, keys, owner):
@@ -82,10 +89,14 @@ class _AttentionOverride(_Shared):
         forward = recorder.forward
         if forward is None or recorder.block is None:
             return self._run(func, args, kwargs)
+        index, recorder.call = recorder.call, recorder.call + 1
         call = bind_attention_args(args, kwargs)
         q, k, v, mask = heads_first(call)
         layout = forward.layout
-        if q.shape[2] < layout.n_txt + layout.n_img:
+        if forward.text_calls is not None:  # Wan: the block's text cross-attention call only
+            if index != forward.text_calls.get(recorder.block) or k.shape[2] != layout.n_txt:
+                return self._run(func, args, kwargs)  # self-attention, I2V's CLIP-image call
+        elif q.shape[2] < layout.n_txt + layout.n_img:
             return self._run(func, args, kwargs)  # an image-only attention (SD3.5 x_block_self_attn)
         rows = forward.rows
         lse = None
@@ -121,20 +132,28 @@ class DiTRecorder(AttentionRecorder):
         self.blocks = []
         self.forward = None  # _Forward of the model call running now, None outside / not recorded
         self.block = None  # patches_replace key of the chosen block running now
+        self.call = 0  # attention calls so far inside that block
 
     @property
     def grid(self):
-        return level_grid(*self.latent_hw, self.level)
+        return self._family.map_grid(self.latent_dims)
 
     def install(self, model_clone, latent_hw, schedule=None):
-        """Hook `model_clone` (a ModelPatcher.clone(), never the caller's model) and return it."""
+        """Hook `model_clone` (a ModelPatcher.clone(), never the caller's model) and return it.
+        latent_hw: the latent's dims after batch and channels ((H, W), or (F, H, W) for video)."""
         import comfy.patcher_extension
 
         family = require_family(model_clone)
+        self._family = family
         self.family = family.name
         self.diffusion_model = model_clone.model.diffusion_model
         self.blocks = parse_blocks(self.blocks_spec, family, self.diffusion_model)
-        self.latent_hw = tuple(latent_hw)
+        self._text_calls = family.text_calls(self.diffusion_model, self.blocks)
+        self.latent_dims = tuple(int(d) for d in latent_hw)
+        self.latent_hw = self.latent_dims[-2:]
+        if family.video:
+            self.frames = self.grid[0]
+            self.pixel_scale = family.pixel_scale(self.diffusion_model)
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
         self._tags = tag_blocks(model_clone, self.blocks, self)
         options = model_clone.model_options["transformer_options"]
@@ -150,7 +169,7 @@ class DiTRecorder(AttentionRecorder):
         dit = transformer_options.get("patches_replace", {}).get("dit", {})
         return set(dit) == self._dit_keys and all(dit.get(key) is tag for key, tag in self._tags.items())
 
-    def _plan(self, x, context, transformer_options):
+    def _plan(self, x, context, transformer_options, kwargs):
         if context is None or not self._ordinary_pass(transformer_options):
             return None
         if self.steps is not None:
@@ -162,19 +181,18 @@ class DiTRecorder(AttentionRecorder):
                                     x.shape[0], x.device, self.chunks_kept(transformer_options))
         if rows is None:
             return None
-        layout = layout_of(x, context, self.diffusion_model)
-        height, width = self.grid
-        if layout.n_img != height * width:
+        layout = self._family.layout(x, context[rows], self.diffusion_model, kwargs)
+        if layout.n_img != math.prod(self.grid):
             return None  # an area-conditioned chunk (ComfyUI crops x to the area), not the whole image
         if self.n_tokens is None:
             self.n_tokens = context.shape[1]
         if context.shape[1] < self.n_tokens:
             return None  # another, shorter conditioning (its words are not the recorded prompt's)
-        return _Forward(layout, rows, chunks)
+        return _Forward(layout, rows, chunks, self._text_calls)
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                      transformer_options={}, **kwargs):
-        previous, self.forward = self.forward, self._plan(x, c_crossattn, transformer_options)
+        previous, self.forward = self.forward, self._plan(x, c_crossattn, transformer_options, kwargs)
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
@@ -186,6 +204,12 @@ class DiTRecorder(AttentionRecorder):
         layout = forward.layout
         rows = layout.image_rows
         mask_block = None if mask is None else mask[..., rows, :layout.n_txt]
+        if layout.n_real is not None and layout.n_real < layout.n_txt:
+            # Wan: umT5's zeroed padding keys are not the prompt; "text" rows renormalise over the
+            # real tokens, "joint" rows keep the model's row (lse) and just drop the padding columns
+            padding = torch.zeros(1, 1, 1, layout.n_txt, dtype=torch.float32, device=q.device)
+            padding[..., layout.n_real:] = float("-inf")
+            mask_block = padding if mask_block is None else mask_block + padding
         probs = text_probabilities(q[:, :, rows], k[:, :, :layout.n_txt], lse, mask_block)
         probs = probs[..., layout.prompt_start:layout.prompt_start + self.n_tokens]
         probs = probs.reshape(forward.chunks, -1, *probs.shape[1:]).sum(0)

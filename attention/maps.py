@@ -13,13 +13,16 @@ NO_WORDS = ("encode the prompt with the 'Attention Text Encode' node (attention_
 
 @dataclass
 class AttentionMaps:
-    probs: torch.Tensor  # [batch, h, w, tokens]: mean over recorded layers, heads and steps
+    probs: torch.Tensor  # [batch, h, w, tokens] ([batch, frames, h, w, tokens] for video): mean over
+    # recorded layers, heads and steps
     tokens: object  # PromptTokens of the prompt whose attention this is, or None
     latent_hw: tuple  # latent (H, W); the image is 8x that
     level: int  # maps are latent / 2**level
     no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
     family: Optional[str] = None  # the DiT family recorded (dit_families.Family.name); None: a UNet
     normalise: Optional[str] = None  # DiT maps: "text" or "joint" rows (DiTRecorder); None: a UNet
+    frames: Optional[int] = None  # video (Wan): latent frames, probs' frame axis; None: images
+    pixel_scale: int = 8  # pixels per latent cell: 8, Wan 2.2 5B's VAE 16
 
     def __post_init__(self):
         # Small maps, checked once: NaN maps would give empty masks and black heatmaps silently.
@@ -42,5 +45,5 @@ class AttentionMaps:
         return positions
 
     def word_map(self, word):
-        """Mean attention over the word's tokens: [batch, h, w]."""
+        """Mean attention over the word's tokens: [batch, h, w] ([batch, frames, h, w] for video)."""
         return self.probs[..., self.positions(word)].mean(dim=-1)

@@ -86,6 +86,8 @@ class AttentionRecorder:
 
     family = None  # the DiT family the maps come from (DiTRecorder); None for UNet layers
     normalise = None  # DiT rows: "text" or "joint" (DiTRecorder); None for UNet cross-attention
+    frames = None  # video (Wan): latent frames, the maps' frame axis; None for images
+    pixel_scale = 8  # pixels per latent cell (the VAE's spatial factor)
 
     def __init__(self, level=2, parts=("input", "output"), branch="cond", steps=None, n_tokens=None):
         if branch not in BRANCHES:
@@ -187,11 +189,11 @@ class AttentionRecorder:
         self.count += count
 
     def mean(self):
-        """Mean map so far, [batch, h, w, tokens], or None before anything was recorded."""
+        """Mean map so far, [batch, h, w, tokens] ([batch, frames, h, w, tokens] for video), or None
+        before anything was recorded."""
         if self.total is None:
             return None
-        h, w = self.grid
-        return (self.total / self.count).reshape(self.total.shape[0], h, w, self.total.shape[-1])
+        return (self.total / self.count).reshape(self.total.shape[0], *self.grid, self.total.shape[-1])
 
     def maps(self, tokens=None, no_words=None):
         """The recording as an ATTENTION_MAPS object (no_words: why `tokens` is None)."""
@@ -204,4 +206,5 @@ class AttentionRecorder:
                 "negative (uncond) branch, that cfg is not 1.0 (ComfyUI then skips the negative prompt)"
             )
         return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level,
-                             no_words=no_words, family=self.family, normalise=self.normalise)
+                             no_words=no_words, family=self.family, normalise=self.normalise,
+                             frames=self.frames, pixel_scale=self.pixel_scale)

@@ -91,11 +91,55 @@ def _fast_tokenizer(cls, path):
     return getattr(transformers, cls.__name__ + "Fast").from_pretrained(path)
 
 
+class _SentencePieceOffsets:
+    """ComfyUI's SPieceTokenizer (Wan's umT5: the SentencePiece model from the checkpoint) seen as
+    a tokenizer with offsets. SentencePiece splits at white space and marks each word's first
+    piece with '▁', so every piece is given the span of the whitespace word it belongs to
+    (what _map_pieces needs: which word owns a token). Its own offset output needs protobuf,
+    which ComfyUI does not install."""
+
+    def __init__(self, spiece):
+        self.sp = spiece.tokenizer  # sentencepiece.SentencePieceProcessor
+
+    def __call__(self, text, return_offsets_mapping=True):
+        ids = list(self.sp.encode(text, add_bos=False, add_eos=False))
+        words = [m.span() for m in re.finditer(r"\S+", text)]
+        offsets, word, boundary = [], -1, True
+        for token in ids:
+            piece = self.sp.id_to_piece(token)
+            if self.is_space(piece):  # '▁', '▁▁', a tab's byte piece: between words, nobody's
+                offsets.append((0, 0))
+                boundary = True
+                continue
+            if boundary or piece.startswith(_WORD_START):
+                word += 1
+            boundary = False
+            if word >= len(words):
+                raise TokenAlignmentError(f"umT5: the tokens of \"{_short(text)}\" do not follow its words; "
+                                          "please report this prompt.")
+            offsets.append(words[word])
+        # ComfyUI's SPieceTokenizer encodes with the end token (add_eos): so does this call
+        return {"input_ids": ids + [self.sp.eos_id()], "offset_mapping": offsets + [(len(text), len(text))]}
+
+    @staticmethod
+    def is_space(piece):
+        """A piece that is only white space: '▁'s, or byte pieces ('<0x09>') of white space."""
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return chr(int(piece[3:5], 16)).isspace()
+        return piece.replace(_WORD_START, " ").isspace()
+
+    def convert_ids_to_tokens(self, token):
+        return self.sp.id_to_piece(int(token))
+
+
 def _offset_tokenizer(hf):
     """A tokenizer that returns character offsets: ComfyUI's own where it can (transformers 5.x,
-    T5TokenizerFast), else the fast class on the same files (transformers 4.x Qwen2Tokenizer)."""
+    T5TokenizerFast), the SentencePiece model itself for ComfyUI's SPieceTokenizer (umT5), else
+    the fast class on the same files (transformers 4.x Qwen2Tokenizer)."""
     if getattr(hf, "is_fast", False):
         return hf
+    if type(hf).__name__ == "SPieceTokenizer":
+        return _SentencePieceOffsets(hf)
     return _fast_tokenizer(type(hf), hf.name_or_path)
 
 
@@ -187,7 +231,7 @@ def _t5_tokens(clip, text, key, sd_tokenizer, encoder, offset=0):
     names = []
     ids, owners = _map_pieces(sd_tokenizer, _weighted_pieces(text), names, encoder)
     end_id = sd_tokenizer.end_token
-    hf = sd_tokenizer.tokenizer
+    hf = _offset_tokenizer(sd_tokenizer.tokenizer)
     strings, content, content_positions, end_positions = [], [], [], []
     position = offset
     for chunk in clip.tokenize(text)[key]:
@@ -225,6 +269,14 @@ def _flux(clip, text, encoder):
 
 def _chroma(clip, text, encoder):
     return _t5_prompt(clip, text, encoder, "t5xxl", clip.tokenizer.clip_t5xxl)
+
+
+def _wan(clip, text, encoder):
+    """umT5 (Wan 2.1 / 2.2): T5's layout, '</s>' then '<pad>' to 512, and ComfyUI zeroes the pads'
+    embeddings (the recorder leaves them out of the maps' normalisation)."""
+    strings, names, spots, ends = _t5_tokens(clip, text, "umt5xxl", clip.tokenizer.clip_umt5xxl, encoder)
+    return EncoderPromptTokens(text=text, token_strings=strings, words=_words(names, spots),
+                               end_positions=tuple(ends), encoder=encoder, parts=(("umT5-XXL", 0, len(strings)),))
 
 
 # ---------------------------------------------------------------- SD3 / SD3.5
@@ -382,6 +434,7 @@ ENCODERS = {
     "sd3": ("SD3 / SD3.5 (CLIP-L + CLIP-G + T5-XXL)", {"clip_l", "clip_g", "t5xxl"}, _sd3),
     "chroma": ("Chroma (T5-XXL)", {"clip_t5xxl"}, _chroma),
     "qwen_image": ("Qwen-Image / Qwen-Image-Edit (Qwen2.5-VL)", {"qwen25_7b"}, _qwen_image),
+    "wan": ("Wan 2.1 / 2.2 (umT5-XXL)", {"clip_umt5xxl"}, _wan),
 }
 
 
@@ -391,7 +444,7 @@ def tokenizer_parts(tokenizer):
 
 
 def encoder_family(clip):
-    """'flux', 'sd3', 'chroma', 'qwen_image'; None for the CLIP encoders of SD1.x/SD2.x/SDXL
+    """'flux', 'sd3', 'chroma', 'qwen_image', 'wan'; None for the CLIP encoders of SD1.x/SD2.x/SDXL
     (attention/tokens.py's path). Feature-detected from the tokenizer's parts."""
     if isinstance(clip, _ClipPart):
         return None

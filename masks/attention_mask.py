@@ -63,6 +63,11 @@ def colormap(values):
 
 def heatmap_overlay(image, word_map, opacity=0.6):
     """image [B, H, W, 3] in 0..1 and a map [B, h, w] -> overlay [B, H, W, 3]."""
-    check_number(opacity, "opacity", 0.0, 1.0)
     soft = resize_maps(minmax_normalize(word_map.float()), image.shape[1:3]).clamp(0, 1)
+    return overlay(image, soft, opacity)
+
+
+def overlay(image, soft, opacity=0.6):
+    """image [B, H, W, 3] in 0..1 and soft maps [B, H, W] in 0..1 at image size -> overlay."""
+    check_number(opacity, "opacity", 0.0, 1.0)
     return (image[..., :3].float() * (1 - opacity) + colormap(soft) * opacity).clamp(0, 1)

@@ -2,9 +2,10 @@
 import torch
 
 from ..attention.tokens import split_words
-from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
+from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
+from ..masks.video import latent_frame_of, pixel_frames, video_soft_maps, video_word_mask
 from ..samplers.record import sample_recording
 from .common import (CATEGORY, choice, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, dit_blocks_input,
                      normalisation_input, parts_input, resolution_input, sampler_inputs)
@@ -26,7 +27,8 @@ class KSamplerRecordAttention:
     CATEGORY = CATEGORY
     DESCRIPTION = ("A KSampler that also records where each word of the prompt looks: the mean "
                    "cross-attention over the chosen layers and all steps (UNet models: SD1.x, SD2.x, "
-                   "SDXL; DiT models: Flux, Chroma, SD3, Qwen-Image, their text-image joint attention).")
+                   "SDXL; DiT models: Flux, Chroma, SD3, Qwen-Image, their text-image joint attention; "
+                   "Wan 2.1 / 2.2 video: the text cross-attention, one map per latent frame).")
 
     def run(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
             denoise, resolution, layers, branch, dit_blocks="", normalisation=next(iter(NORMALISATIONS))):
@@ -61,9 +63,12 @@ class AttentionHeatmap:
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
-    DESCRIPTION = "One heatmap overlay per word (and per image), with the word written on it."
+    DESCRIPTION = ("One heatmap overlay per word (and per image), with the word written on it. Video maps "
+                   "(Wan): every decoded frame gets its overlay, word after word.")
 
     def run(self, attention_maps, image, words, opacity):
+        if attention_maps.frames is not None:
+            return (_video_heatmaps(attention_maps, image, words, opacity),)
         batch = attention_maps.batch
         if image.shape[0] not in (1, batch):
             raise ValueError(f"image has {image.shape[0]} images but the attention maps have {batch}; "
@@ -72,6 +77,24 @@ class AttentionHeatmap:
         overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity), word)
                     for word in _words_or_all(attention_maps, words)]
         return (torch.cat(overlays).to(image.dtype),)
+
+
+def _video_heatmaps(maps, image, words, opacity):
+    """Overlays on each decoded frame ([batch * frames, H, W, 3], batch-major, as VAE Decode gives
+    a video), per word: [words * batch * frames, H, W, 3]."""
+    frames = pixel_frames(maps.frames)
+    if image.shape[0] != maps.batch * frames:
+        per_video = image.shape[0] / maps.batch
+        if per_video == int(per_video):
+            latent_frame_of(int(per_video), maps.frames, "image")  # says which frame count is wrong
+        raise ValueError(f"image has {image.shape[0]} frames but the attention maps are {maps.batch} video(s) of "
+                         f"{frames} frames ({maps.batch * frames} in all): connect the VAE-decoded video the "
+                         "maps were recorded for")
+    overlays = []
+    for word in _words_or_all(maps, words):
+        soft = video_soft_maps(maps.word_map(word).to(image.device), image.shape[1:3], blur_sigma=0.0)
+        overlays.append(draw_label(overlay(image, soft.flatten(0, 1), opacity), word))
+    return torch.cat(overlays).to(image.dtype)
 
 
 class AttentionMask:
@@ -86,20 +109,31 @@ class AttentionMask:
             "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Binary mask at this fraction of each map's range; 0 gives the soft map."}),
             "combine": (list(COMBINE_MODES), {"default": "union"}),
+        }, "optional": {
+            "temporal_smoothing": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
+                                   "Video maps only: Gaussian blur along time, in latent frames (1 latent "
+                                   "frame = 4 video frames), before thresholding; 0 = none."}),
         }}
 
     RETURN_TYPES = ("MASK",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
-    DESCRIPTION = "A MASK at image size (8x the latent) from the attention of one or more words."
+    DESCRIPTION = ("A MASK at image size (8x the latent) from the attention of one or more words. Video maps "
+                   "(Wan): one MASK per decoded frame (1 + 4 x (latent frames - 1)), 8x (2.1) / 16x (2.2 5B) "
+                   "the latent, for SetLatentNoiseMask or WanVaceToVideo's control_masks.")
 
-    def run(self, attention_maps, words, blur, threshold, combine):
+    def run(self, attention_maps, words, blur, threshold, combine, temporal_smoothing=0.0):
         chosen = split_words(words)
         if not chosen:
             raise ValueError("type at least one word of the prompt in 'words'")
-        height, width = (LATENT_TO_IMAGE * s for s in attention_maps.latent_hw)
-        masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
-                             for word in chosen])
+        scale = LATENT_TO_IMAGE if attention_maps.frames is None else attention_maps.pixel_scale
+        height, width = (scale * s for s in attention_maps.latent_hw)
+        if attention_maps.frames is not None:  # [batch, pixel frames, H, W] -> MASK [batch * frames, H, W]
+            masks = torch.stack([video_word_mask(attention_maps.word_map(word), (height, width), blur, threshold,
+                                                 temporal_smoothing).flatten(0, 1) for word in chosen])
+        else:
+            masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
+                                 for word in chosen])
         return (combine_masks(masks, combine).cpu(),)  # like core MASKs, off the sampling device
 
 

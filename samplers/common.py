@@ -64,7 +64,8 @@ def check_latent_shape(model, samples, input_name, what="latent"):
     code fails on anything else with a bare reshape / unpack error."""
     frame_axis = getattr(_latent_format(model), "latent_dimensions", 2) == 3
     shape = tuple(samples.shape)
-    if samples.dim() == (5 if frame_axis else 4) and (not frame_axis or shape[2] == 1):
+    video = getattr(family_of(model), "video", False)  # Wan: any number of frames
+    if samples.dim() == (5 if frame_axis else 4) and (not frame_axis or video or shape[2] == 1):
         return samples
     takes = "[batch, channels, 1, height, width] (one frame)" if frame_axis else "[batch, channels, height, width]"
     found = (f"{shape[2]} frames" if frame_axis and samples.dim() == 5

@@ -118,6 +118,9 @@ def start_columns(tokens):
 # map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
 UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
                               "reliable start map (docs/instdiffedit.md, 'DiT models')"}
+_VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
+          "Attention Mask give per-frame word masks on Wan (docs/video.md)")
+UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
 
 
 def _dit_capture(family_name, tokens, input_name):

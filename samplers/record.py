@@ -26,7 +26,7 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
     recorder = make_recorder(patched, branch, recorded_length(prompt), level, parts, dit_blocks, normalise)
-    recorder.install(patched, latent["samples"].shape[-2:], sigmas)
+    recorder.install(patched, latent["samples"].shape[2:], sigmas)  # (H, W); (F, H, W) with a frame axis
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
     return out, recorder.maps(annotation_of(prompt), no_words_reason(prompt, prompt_name))

@@ -399,7 +399,7 @@ def test_unsupported_model_names_the_supported_ones():
                   global_conddim=64, max_seq=64)
     aura = comfy.model_patcher.ModelPatcher(sm.AuraFlow(config).get_model({}), torch.device("cpu"),
                                             torch.device("cpu"))
-    with pytest.raises(TypeError, match=r"\(MMDiT\).*SDXL UNets and the DiT models Flux .*SD3 / SD3.5 and Qwen-Image"):
+    with pytest.raises(TypeError, match=r"\(MMDiT\).*SDXL UNets and the DiT models Flux .*SD3 / SD3.5, Qwen-Image.*Wan 2.1 / 2.2"):
         record.make_recorder(aura, "cond", N_TOKENS)
 
 

@@ -14,6 +14,9 @@ real one; channels tiny):
               T5's 4096, then T5 along the sequence), pooled [1, 80]
   qwen_image  Qwen2.5-VL [1, n, 32] (template prefix stripped by ComfyUI); a tiny vision tower
               (2 blocks, width 32) so Qwen-Image-Edit's reference image encodes on CPU
+  wan         umT5 [1, max(512, n), 32], padding rows zeroed; its SentencePiece model comes from the
+              checkpoint (`spiece_model`): here the one ComfyUI ships for its Pile T5
+              (comfy/text_encoders/t5_pile_tokenizer/tokenizer.model), which runs the same code
 """
 import functools
 
@@ -28,12 +31,12 @@ TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_key_value_heads": 1}
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
 
-FAMILIES = ("flux", "sd3", "chroma", "qwen_image")
+FAMILIES = ("flux", "sd3", "chroma", "qwen_image", "wan")
 
 
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
-             "stable_audio": "stable_audio"}
+             "stable_audio": "stable_audio", "wan": "wan"}
 
 
 def skip_reason(family):
@@ -61,6 +64,8 @@ def _clip_target(family):
 
         return comfy.supported_models_base.ClipTarget(qwen_image.QwenImageTokenizer,
                                                       _tiny_vision_qwen_te(qwen_image.te()))
+    if family == "wan":
+        return sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v"}).clip_target({})
     config = {"flux": sm.Flux, "sd3": sm.SD3, "chroma": sm.Chroma}[family]
     unet = {"flux": {"image_model": "flux"}, "sd3": {"in_channels": 16, "pos_embed_scaling_factor": None},
             "chroma": {"image_model": "chroma"}}[family]
@@ -106,7 +111,7 @@ def _tiny_vision_qwen_te(te_class):
 
 def _model_options(family):
     width = {"sd3": {**TINY_T5, "d_model": 4096}}.get(family, TINY_T5)  # SD3 joins CLIP and T5 at 4096
-    return {"t5xxl_model_config": width, "clip_l_model_config": dict(TINY_CLIP_L),
+    return {"t5xxl_model_config": width, "umt5xxl_model_config": dict(TINY_T5), "clip_l_model_config": dict(TINY_CLIP_L),
             "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN)}
 
 
@@ -123,9 +128,23 @@ def build_dit_clip(family, seed=0):
     import comfy.sd
 
     with torch.no_grad():  # ComfyUI builds text encoders outside autograd
-        clip = comfy.sd.CLIP(_clip_target(family), model_options=_model_options(family))
+        clip = comfy.sd.CLIP(_clip_target(family), tokenizer_data=_tokenizer_data(family),
+                             model_options=_model_options(family))
     _init_every_weight(clip.cond_stage_model, seed)
+    if family == "wan":
+        # umT5's own SentencePiece model ends prompts with id 1, which UMT5XXlModel's special
+        # tokens name as the end (after it ComfyUI zeroes the padding rows); the Pile T5 model
+        # standing in for it ends with id 2: tell the encoder, so the padding is zeroed as with umT5
+        encoder = clip.cond_stage_model.umt5xxl
+        encoder.special_tokens = {**encoder.special_tokens, "end": clip.tokenizer.clip_umt5xxl.end_token}
     return clip
+
+
+def _tokenizer_data(family):
+    if family != "wan":
+        return {}
+    path = host.host_root() / "comfy" / "text_encoders" / "t5_pile_tokenizer" / "tokenizer.model"
+    return {"spiece_model": path.read_bytes()}
 
 
 def _init_every_weight(module, seed):

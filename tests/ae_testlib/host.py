@@ -84,6 +84,8 @@ FEATURES = {
     "qwen_image": ("Qwen-Image DiT models with the Qwen2.5-VL text encoder",
                    ["comfy.ldm.qwen_image.model", "comfy.text_encoders.qwen_image"]),
     "stable_audio": ("Stable Audio's T5-base text encoder", ["comfy.text_encoders.sa_t5"]),
+    "wan": ("Wan 2.1 / 2.2 video models with the umT5 text encoder",
+            ["comfy.ldm.wan.model:VaceWanModel", "comfy.supported_models:WAN22_T2V", "comfy.text_encoders.wan"]),
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
