@@ -40,6 +40,21 @@ class _PlantingOverride:
         return func(*args, **kwargs)
 
 
+class CrossPlantingOverride(_PlantingOverride):
+    """The planting override for a cross-attention (Wan's text calls): bias_of also gets the key
+    count, since queries and keys are different sequences."""
+
+    def __call__(self, func, *args, **kwargs):
+        kernel = pack_module("attention.dit_kernel")
+        q, k, _, mask = kernel.heads_first(kernel.bind_attention_args(args, kwargs))
+        bias = self.bias_of(q.shape[2], k.shape[2], q.shape[0], q.dtype, q.device)
+        if bias is not None:
+            kwargs = {**kwargs, "mask": bias if mask is None else mask + bias}
+        if self.inner is not None:
+            return self.inner(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def plant(model, region, token_columns, beta=8.0, branches=(0,)):
     """A clone of `model` (a DiT ModelPatcher) that adds `beta` to the logits between the image
     tokens where `region` ([h/2, w/2] bool, the token grid; or [B, h/2, w/2] per batch row) is

@@ -97,3 +97,57 @@ class _ClipVisionOutput:
 
     def __init__(self, penultimate):
         self.penultimate_hidden_states = penultimate
+
+
+def decoded_shape(variant, latent_frames, height, width):
+    """(frames, H, W) that ComfyUI's own Wan VAE class (2.1, or 2.2's for the 5B) decodes a latent
+    of this size to: a tiny random-weight VAE, only its shape is read."""
+    import comfy.ldm.wan.vae as vae21
+    import comfy.ldm.wan.vae2_2 as vae22
+
+    with torch.inference_mode():
+        if variant == "wan22_5b":
+            vae = vae22.WanVAE(dim=8, dec_dim=8, z_dim=48, num_res_blocks=1).eval()
+            out = vae.decode(torch.zeros(1, 48, latent_frames, height, width))
+        else:
+            vae = vae21.WanVAE(dim=8, z_dim=16, num_res_blocks=1).eval()
+            out = vae.decode(torch.zeros(1, 16, latent_frames, height, width))
+    return tuple(out.shape[2:])
+
+
+def plant(model, region, token_columns, beta=8.0):
+    """A clone of a Wan ModelPatcher whose text cross-attention calls get `beta` added to the
+    logits [video token in region, prompt token in token_columns] of the positive prompt's rows
+    (dit_plant's mechanism: an APPLY_MODEL wrapper puts a planting override in front of whatever
+    override is there, the method's included). region: [F', H', W'] or [B, F', H', W'] bool on the
+    token grid, frame-major like Wan's tokens; it may move from frame to frame."""
+    import comfy.patcher_extension
+
+    from . import dit_plant
+
+    columns = list(token_columns)
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        per_chunk = x.shape[0] // len(chunks)
+        grid = region if region.ndim == 4 else region.expand(per_chunk, *region.shape)
+        grid = grid.repeat(len(chunks), 1, 1, 1)
+        positive = torch.tensor([kind == 0 for kind in chunks for _ in range(per_chunk)])
+
+        def bias_of(q_len, k_len, batch, dtype, device):
+            if k_len != c_crossattn.shape[1] or q_len != grid[0].numel() or batch != x.shape[0]:
+                return None  # self-attention, I2V's CLIP-image call
+            bias = torch.zeros(batch, 1, q_len, k_len, dtype=dtype, device=device)
+            values = (grid.reshape(batch, -1).to(dtype) * beta * positive[:, None].to(dtype)).to(device)
+            for column in columns:
+                bias[:, 0, :, column] = values
+            return bias
+
+        options = dict(transformer_options)
+        options["optimized_attention_override"] = dit_plant.CrossPlantingOverride(
+            bias_of, transformer_options.get("optimized_attention_override"))
+        return executor(x, t, c_concat, c_crossattn, control, options, **kw)
+
+    planted = model.clone()
+    planted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, dit_plant.WRAPPER_KEY, wrapper)
+    return planted
