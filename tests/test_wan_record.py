@@ -53,8 +53,8 @@ class CrossAttentionProbe:
     real keys (float64). Independent of the override the recorder uses; VACE blocks' and I2V's
     CLIP-image keys are not the main blocks' text keys, so they are not in it."""
 
-    def __init__(self, model, n_real, normalise):
-        self.n_real, self.normalise = n_real, normalise
+    def __init__(self, model, n_real, normalise, video_rows=None):
+        self.n_real, self.normalise, self.video_rows = n_real, normalise, video_rows
         self.total, self.count, self.vace_calls = None, 0, 0
         diffusion_model = model.model.diffusion_model
         self.handles = [block.cross_attn.register_forward_hook(self.hook, with_kwargs=True)
@@ -67,6 +67,8 @@ class CrossAttentionProbe:
 
     def hook(self, module, args, kwargs, output):
         x, context = args[0], args[1]
+        self.query_rows = x.shape[1]  # video tokens, plus reference / Phantom tokens where present
+        x = x if self.video_rows is None else x[:, self.video_rows]
         text = context[:, (kwargs.get("context_img_len") or 0):]
         heads = module.num_heads
         q = module.norm_q(module.q(x)).double()
@@ -122,6 +124,32 @@ def test_maps_equal_brute_force_and_output_unchanged(variant, batch, frames, hei
     assert float(maps.probs[..., N_REAL:].abs().max()) == 0  # the zeroed padding is not the prompt
     if normalise == "text":
         assert torch.allclose(maps.probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.equal(out, plain(model, positive, negative, latent))
+
+
+@pytest.mark.parametrize("extra", ["reference", "phantom"])
+def test_reference_and_phantom_tokens_are_not_the_video(extra):
+    """Fun-Control's reference image (prepended H' x W' tokens) and Phantom's subject frames
+    (time_dim_concat: appended frames) are keys of the self-attention, not rows of the maps."""
+    variant = "wan21_ref" if extra == "reference" else "wan21"
+    model = wan_host.model(variant)
+    frames, height, width = 2, 6, 10
+    n_img, n_frame = frames * 3 * 5, 3 * 5
+    generator = torch.Generator().manual_seed(5)
+    if extra == "reference":
+        options = {"reference_latents": [torch.randn(1, 16, 1, height, width, generator=generator)]}
+        rows = slice(n_frame, n_frame + n_img)
+    else:
+        options = {"time_dim_concat": torch.randn(1, 16, 1, height, width, generator=generator)}
+        rows = slice(0, n_img)
+    positive = wan_host.conditioning(N_REAL, seed=1, **options)
+    negative = wan_host.conditioning(3, seed=2, **options)
+    latent = wan_host.latent(variant, 1, frames, height, width)
+    probe = CrossAttentionProbe(model, N_REAL, "text", video_rows=rows)
+    out, maps = recording(model, positive, negative, latent, dit_blocks="all")
+    expected = probe.mean()
+    assert probe.query_rows == n_img + n_frame  # the extra tokens were there
+    assert torch.allclose(maps.probs.double(), expected.reshape(maps.probs.shape), atol=2e-6, rtol=0)
     assert torch.equal(out, plain(model, positive, negative, latent))
 
 

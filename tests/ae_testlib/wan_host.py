@@ -10,7 +10,7 @@ import torch
 
 from . import dit_host, host
 
-VARIANTS = ("wan21", "wan21_i2v", "wan21_vace", "wan22_5b")
+VARIANTS = ("wan21", "wan21_i2v", "wan21_vace", "wan21_ref", "wan22_5b")
 CONTEXT_DIM = 32  # umT5 width the tiny models take (real: 4096)
 TEXT_LEN = 512  # umT5 context length ComfyUI pads to (min_length=512)
 DIM, DEPTH = 64, 3
@@ -32,6 +32,8 @@ def _skeleton(variant):
             **{f"blocks.{i}.ffn.0.weight": (2 * DIM, DIM) for i in range(DEPTH)}}
     if variant == "wan21_i2v":
         keys["img_emb.proj.0.bias"] = (CLIP_DIM,)
+    if variant == "wan21_ref":  # Fun-Control's reference image (ref_conv): H' x W' tokens before the video
+        keys["ref_conv.weight"] = (DIM, channels, 2, 2)
     if variant == "wan21_vace":  # one VACE block (runs after main block 0) on 32 + 64 channels
         keys["vace_patch_embedding.weight"] = (DIM, 96, 1, 2, 2)
         keys["vace_blocks.0.after_proj.weight"] = (DIM, DIM)
