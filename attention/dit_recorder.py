@@ -56,7 +56,7 @@ class BlockTag(ChainedPatch):
 
     def __call__(self, args, extra):
         owner = self.owner
-        previous = owner.block, owner.call
+        previous = owner.block, getattr(owner, "call", 0)  # FoI's state has no call count
         owner.block, owner.call = self.key, 0  # attention calls inside this block are counted from 0
         try:
             if self.inner is not None:

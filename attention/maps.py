@@ -23,6 +23,7 @@ class AttentionMaps:
     normalise: Optional[str] = None  # DiT maps: "text" or "joint" rows (DiTRecorder); None: a UNet
     frames: Optional[int] = None  # video (Wan): latent frames, probs' frame axis; None: images
     pixel_scale: int = 8  # pixels per latent cell: 8, Wan 2.2 5B's VAE 16
+    count: int = 0  # how many (call, chunk) maps the mean holds: a later sampler continues it
 
     def __post_init__(self):
         # Small maps, checked once: NaN maps would give empty masks and black heatmaps silently.

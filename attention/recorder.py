@@ -191,6 +191,7 @@ class AttentionRecorder:
     def mean(self):
         """Mean map so far, [batch, h, w, tokens] ([batch, frames, h, w, tokens] for video), or None
         before anything was recorded."""
+        self._merge_continued()
         if self.total is None:
             return None
         return (self.total / self.count).reshape(self.total.shape[0], *self.grid, self.total.shape[-1])
@@ -207,4 +208,34 @@ class AttentionRecorder:
             )
         return AttentionMaps(probs=mean, tokens=tokens, latent_hw=self.latent_hw, level=self.level,
                              no_words=no_words, family=self.family, normalise=self.normalise,
-                             frames=self.frames, pixel_scale=self.pixel_scale)
+                             frames=self.frames, pixel_scale=self.pixel_scale, count=self.count)
+
+    def continue_from(self, maps, input_name="attention_maps"):
+        """Start from the running mean of `maps` (an earlier sampler's recording of the same
+        latent, e.g. Wan 2.2 14B's high-noise expert before its low-noise one), so the maps this
+        recorder returns are the mean over both samplers' steps. Call after install."""
+        what = (self.family or "UNet", self.normalise, self.level, tuple(self.latent_hw), self.frames)
+        theirs = (maps.family or "UNet", maps.normalise, maps.level, tuple(maps.latent_hw), maps.frames)
+        if what != theirs or not maps.count:
+            raise ValueError(
+                f"'{input_name}' cannot be continued here: it was recorded on {theirs[0]} ({theirs[1] or 'UNet'} rows, "
+                f"latent {theirs[3]}, frames {theirs[4]}, level {theirs[2]}), this sampler records {what[0]} "
+                f"({what[1] or 'UNet'} rows, latent {what[3]}, frames {what[4]}, level {what[2]}). Connect the maps "
+                "of the previous sampler of the same latent, recorded with the same settings.")
+        self._continued = maps
+
+    def _merge_continued(self):
+        maps = getattr(self, "_continued", None)
+        if maps is None:
+            return
+        self._continued = None
+        previous = maps.probs.reshape(maps.probs.shape[0], -1, maps.probs.shape[-1]) * maps.count
+        if self.total is None:
+            self.total, self.count = previous.clone(), maps.count
+            return
+        if previous.shape != self.total.shape:
+            raise ValueError(f"'attention_maps' to continue hold {tuple(maps.probs.shape)} maps (batch, grid, tokens); "
+                             f"this sampler's are {(self.total.shape[0], *self.grid, self.total.shape[-1])}: "
+                             "connect the previous sampler of the same latent and prompt")
+        self.total += previous.to(self.total.device)
+        self.count += maps.count

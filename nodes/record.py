@@ -38,6 +38,53 @@ class KSamplerRecordAttention:
                                 normalise=choice(NORMALISATIONS, normalisation, "normalisation"))
 
 
+class KSamplerAdvancedRecordAttention:
+    """KSamplerAdvanced that records: for samplers that share one latent in stages (Wan 2.2 14B's
+    high-noise then low-noise expert), each continuing the previous stage's ATTENTION_MAPS."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        base = sampler_inputs()
+        inputs = {"model": base["model"],
+                  "add_noise": (["enable", "disable"], {"default": "enable"}),
+                  "noise_seed": base["seed"]}
+        inputs.update({name: base[name] for name in ("steps", "cfg", "sampler_name", "scheduler", "positive",
+                                                     "negative", "latent_image")})
+        inputs["start_at_step"] = ("INT", {"default": 0, "min": 0, "max": 10000})
+        inputs["end_at_step"] = ("INT", {"default": 10000, "min": 0, "max": 10000})
+        inputs["return_with_leftover_noise"] = (["disable", "enable"], {"default": "disable"})
+        inputs["resolution"] = resolution_input()
+        inputs["layers"] = parts_input()
+        inputs["branch"] = (["cond", "uncond"], {"default": "cond", "tooltip":
+                            "Record the positive (cond) or negative (uncond) prompt's attention."})
+        return {"required": inputs, "optional": {
+            "dit_blocks": dit_blocks_input(), "normalisation": normalisation_input(),
+            "attention_maps": ("ATTENTION_MAPS", {"tooltip":
+                               "The previous stage's maps (e.g. Wan 2.2 14B's high-noise expert): the output "
+                               "is then the mean over both stages' steps, one map for the whole sampling."})}}
+
+    RETURN_TYPES = ("LATENT", "ATTENTION_MAPS")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("KSampler (Advanced) that also records attention maps, like KSampler (Record Attention). "
+                   "Chain two for Wan 2.2 14B (high-noise expert: add_noise enable, steps 0 to N, leftover "
+                   "noise enable; low-noise expert: add_noise disable, from N, its attention_maps input "
+                   "from the first) to get one map over all steps.")
+
+    def run(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+            latent_image, start_at_step, end_at_step, return_with_leftover_noise, resolution, layers, branch,
+            dit_blocks="", normalisation=next(iter(NORMALISATIONS)), attention_maps=None):
+        advanced = {"add_noise": choice({"enable": True, "disable": False}, add_noise, "add_noise"),
+                    "start_step": start_at_step, "last_step": end_at_step,
+                    "force_full_denoise": choice({"disable": True, "enable": False}, return_with_leftover_noise,
+                                                 "return_with_leftover_noise")}
+        return sample_recording(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                latent_image, level=choice(LEVELS, resolution, "resolution"),
+                                parts=choice(PARTS, layers, "layers"), branch=branch, dit_blocks=dit_blocks,
+                                normalise=choice(NORMALISATIONS, normalisation, "normalisation"),
+                                advanced=advanced, previous=attention_maps)
+
+
 def _words_or_all(maps, words):
     chosen = split_words(words)
     if chosen:
@@ -139,11 +186,13 @@ class AttentionMask:
 
 NODE_CLASS_MAPPINGS = {
     "AttentionEditKSamplerRecord": KSamplerRecordAttention,
+    "AttentionEditKSamplerAdvancedRecord": KSamplerAdvancedRecordAttention,
     "AttentionEditHeatmap": AttentionHeatmap,
     "AttentionEditMask": AttentionMask,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AttentionEditKSamplerRecord": "KSampler (Record Attention)",
+    "AttentionEditKSamplerAdvancedRecord": "KSampler Advanced (Record Attention)",
     "AttentionEditHeatmap": "Attention Heatmap",
     "AttentionEditMask": "Attention Mask",
 }

@@ -140,16 +140,22 @@ def progress_disabled():
 
 
 def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
-            denoise=1.0, callback=None):
-    """comfy.sample.sample with an explicit schedule; returns the output LATENT dict."""
+            denoise=1.0, callback=None, add_noise=True, start_step=None, last_step=None, force_full_denoise=False):
+    """comfy.sample.sample with an explicit schedule; returns the output LATENT dict. add_noise,
+    start_step, last_step, force_full_denoise: KSamplerAdvanced's controls (ComfyUI cuts `sigmas`)."""
     import comfy.sample
+    import torch
 
     samples = latent_samples(model, latent)
-    # noise of the model's latent shape, as KSampler makes it (Qwen-Image adds a frame axis)
-    noise = initial_noise({**latent, "samples": samples}, seed)
+    if add_noise:  # noise of the model's latent shape, as KSampler makes it (Qwen-Image adds a frame axis)
+        noise = initial_noise({**latent, "samples": samples}, seed)
+    else:  # KSamplerAdvanced's add_noise "disable"
+        noise = torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout, device="cpu")
+    # ComfyUI may set the cut schedule's last sigma to 0 in place: give it a copy
     out = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler,
-                              positive, negative, samples, denoise=denoise,
-                              noise_mask=latent.get("noise_mask"), sigmas=sigmas,
+                              positive, negative, samples, denoise=denoise, disable_noise=not add_noise,
+                              start_step=start_step, last_step=last_step, force_full_denoise=force_full_denoise,
+                              noise_mask=latent.get("noise_mask"), sigmas=None if sigmas is None else sigmas.clone(),
                               callback=callback or progress_callback(model, steps),
                               disable_pbar=progress_disabled(), seed=seed)
     result = dict(latent)

@@ -18,8 +18,11 @@ def make_recorder(model, branch, n_tokens, level=2, parts=("input", "output"), d
 
 def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                      denoise=1.0, level=2, parts=("input", "output"), branch="cond", dit_blocks="",
-                     normalise="text"):
-    """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
+                     normalise="text", advanced=None, previous=None):
+    """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS).
+    advanced: KSamplerAdvanced's controls for ksample (add_noise, start_step, last_step,
+    force_full_denoise); previous: ATTENTION_MAPS of an earlier sampler of this latent to continue
+    (Wan 2.2 14B: the high-noise expert's stage, then the low-noise one's)."""
     check_sampling(steps, cfg, denoise)
     check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
@@ -27,6 +30,8 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
     recorder = make_recorder(patched, branch, recorded_length(prompt), level, parts, dit_blocks, normalise)
     recorder.install(patched, latent["samples"].shape[2:], sigmas)  # (H, W); (F, H, W) with a frame axis
+    if previous is not None:
+        recorder.continue_from(previous)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
-                  denoise=denoise)
+                  denoise=denoise, **(advanced or {}))
     return out, recorder.maps(annotation_of(prompt), no_words_reason(prompt, prompt_name))

@@ -103,6 +103,11 @@ def inputs(key, **changes):
         base = {"clip": fixtures.clip("sd15"), "text": "put a *hat* on the dog"}
     elif key == "AttentionEditKSamplerRecord":
         base = record_inputs()
+    elif key == "AttentionEditKSamplerAdvancedRecord":
+        record = record_inputs()
+        base = {**{k: v for k, v in record.items() if k not in ("seed", "denoise")}, "noise_seed": record["seed"],
+                "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000,
+                "return_with_leftover_noise": "disable"}
     elif key == "AttentionEditHeatmap":
         base = {"attention_maps": recorded_maps(), "image": torch.full((1, 128, 128, 3), 0.5), "words": "",
                 "opacity": 0.6}

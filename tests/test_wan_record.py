@@ -301,3 +301,39 @@ def test_attention_text_encode_words_on_wan():
     assert maps.word_map("fox").shape == (1, 2, 2, 3)
     mask = nodes.AttentionMask().run(maps, "red fox", 1.0, 0.5, "union")[0]
     assert mask.shape == (5, 32, 48)
+
+
+# ------------------------------------------------------------- Wan 2.2 14B: two experts, one map
+
+def test_two_expert_samplers_make_one_map():
+    """High-noise expert for steps 0-2 of 4, low-noise expert for 2-4 (KSampler (Advanced)'s
+    settings): the latent is two core KSamplerAdvanced calls', bit for bit, and the second
+    sampler's maps, continuing the first's, are the mean over all 4 steps."""
+    from ae_testlib import registry
+
+    high, low = wan_host.model("wan21", 0), wan_host.model("wan21", 1)  # the experts: 2.1 architecture
+    positive, negative = conds("wan21", tokens=annotated())
+    latent = wan_host.latent("wan21", 1, 2, 6, 10)
+    core = registry.core_nodes()["KSamplerAdvanced"]()
+    node = nodes.KSamplerAdvancedRecordAttention()
+    common_inputs = dict(noise_seed=3, steps=4, cfg=CFG, sampler_name="euler", scheduler="simple",
+                         positive=positive, negative=negative)
+    first = dict(add_noise="enable", start_at_step=0, end_at_step=2, return_with_leftover_noise="enable")
+    second = dict(add_noise="disable", start_at_step=2, end_at_step=10000, return_with_leftover_noise="disable")
+    record = dict(resolution="1/4 (16x16 at 512 px on SD1.x)", layers="down + up", branch="cond", dit_blocks="all")
+    with torch.inference_mode():
+        plain_mid = core.sample(high, latent_image=latent, **common_inputs, **first)[0]
+        plain_out = core.sample(low, latent_image=plain_mid, **common_inputs, **second)[0]
+        mid, maps_high = node.run(high, latent_image=latent, **common_inputs, **first, **record)
+        out, maps_both = node.run(low, latent_image=mid, **common_inputs, **second, **record,
+                                  attention_maps=maps_high)
+        _, maps_low = node.run(low, latent_image=mid, **common_inputs, **second, **record)
+    assert torch.equal(mid["samples"], plain_mid["samples"]) and torch.equal(out["samples"], plain_out["samples"])
+    assert maps_high.count == maps_low.count == 2 * wan_host.DEPTH  # 2 steps x 3 blocks, one cond chunk each
+    assert maps_both.count == maps_high.count + maps_low.count
+    expected = (maps_high.probs * maps_high.count + maps_low.probs * maps_low.count) / maps_both.count
+    assert torch.allclose(maps_both.probs, expected, atol=1e-6)
+    assert maps_both.probs.shape == maps_high.probs.shape  # memory independent of steps and stages
+    with pytest.raises(ValueError, match="'attention_maps' cannot be continued here: it was recorded on Wan"):
+        node.run(low, latent_image=wan_host.latent("wan21", 1, 3, 6, 10), **common_inputs, **second, **record,
+                 attention_maps=maps_high)
