@@ -24,12 +24,16 @@ def require_wan_host():
         pytest.skip(reason)
 
 
-def _skeleton(variant):
+FULL_1_3B = (1536, 8960)  # Wan 2.1 T2V 1.3B's dim and ffn_dim (benchmarks: one full-width block)
+
+
+def _skeleton(variant, size="tiny"):
     channels = 48 if variant == "wan22_5b" else 16  # 2.2 5B: 48-channel latent in and out
     in_dim = {"wan21_i2v": 36}.get(variant, channels)  # I2V: + 4 mask + 16 image channels
-    keys = {"head.modulation": (1, 2, DIM), "head.head.weight": (channels * 4, DIM),
-            "patch_embedding.weight": (DIM, in_dim, 1, 2, 2),
-            **{f"blocks.{i}.ffn.0.weight": (2 * DIM, DIM) for i in range(DEPTH)}}
+    (dim, ffn), depth = (FULL_1_3B, 1) if size == "full" else ((DIM, 2 * DIM), DEPTH)
+    keys = {"head.modulation": (1, 2, dim), "head.head.weight": (channels * 4, dim),
+            "patch_embedding.weight": (dim, in_dim, 1, 2, 2),
+            **{f"blocks.{i}.ffn.0.weight": (ffn, dim) for i in range(depth)}}
     if variant == "wan21_i2v":
         keys["img_emb.proj.0.bias"] = (CLIP_DIM,)
     if variant == "wan21_ref":  # Fun-Control's reference image (ref_conv): H' x W' tokens before the video
@@ -40,23 +44,26 @@ def _skeleton(variant):
     return keys
 
 
-def detected_config(variant):
+def detected_config(variant, size="tiny"):
+    """size "full": one full-width Wan 1.3B block (12 heads of 128, umT5's 4096 channels, as
+    detection and the model's defaults give them); "tiny": 2 heads, 32 text channels."""
     import comfy.model_detection
 
-    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(variant).items()}
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(variant, size).items()}
     config = comfy.model_detection.detect_unet_config(skeleton, "")
-    config.update(num_heads=2, text_dim=CONTEXT_DIM)
+    if size != "full":
+        config.update(num_heads=2, text_dim=CONTEXT_DIM)
     return config
 
 
-def build(variant, seed=0):
+def build(variant, seed=0, size="tiny"):
     """A ModelPatcher around a random-weight Wan model of `variant` (one of VARIANTS), built by the
     supported_models class ComfyUI picks for the detected config."""
     require_wan_host()
     import comfy.model_detection
     import comfy.model_patcher
 
-    config = detected_config(variant)
+    config = detected_config(variant, size)
     model_config = comfy.model_detection.model_config_from_unet_config(config)
     if model_config is None:
         raise RuntimeError(f"no supported_models class matches the detected {variant} config {config}")
