@@ -67,6 +67,11 @@ def check_latent_shape(model, samples, input_name, what="latent"):
     video = getattr(family_of(model), "video", False)  # Wan: any number of frames
     if samples.dim() == (5 if frame_axis else 4) and (not frame_axis or video or shape[2] == 1):
         return samples
+    if video:
+        raise ValueError(
+            f"the '{input_name}' {what} has {samples.dim()} dimensions (shape {shape}) but {model_name(model)} takes "
+            "video latents [batch, channels, frames, height, width]. Connect a Wan latent (EmptyHunyuanLatentVideo, "
+            "WanImageToVideo, Wan22ImageToVideoLatent, or VAE Encode of a video with the Wan VAE).")
     takes = "[batch, channels, 1, height, width] (one frame)" if frame_axis else "[batch, channels, height, width]"
     found = (f"{shape[2]} frames" if frame_axis and samples.dim() == 5
              else f"{samples.dim()} dimensions")

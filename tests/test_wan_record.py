@@ -274,6 +274,9 @@ def test_bad_frame_counts_are_clear_errors():
         nodes.AttentionMask().run(maps, "cat", 1.0, 0.5, "union", temporal_smoothing=-1.0)
     with pytest.raises(ValueError, match="0 frames, which Wan's VAE cannot decode"):
         video.latent_frame_of(0)
+    # (a 4-D latent is one frame to ComfyUI: comfy.sample.fix_empty_latent_channels adds the axis)
+    with pytest.raises(ValueError, match=r"3 dimensions .* takes video latents \[batch, channels, frames"):
+        recording(model, positive, negative, {"samples": torch.ones(16, 4, 6)}, steps=1)
 
 
 def test_other_methods_refuse_wan_clearly():
