@@ -82,6 +82,6 @@ def test_skip_reasons_and_the_newest_host():
 
 def test_unknown_feature_is_an_error():
     with pytest.raises(ValueError, match="unknown feature"):
-        host.requires("flux2")
+        host.requires("no_such_feature")
     with pytest.raises(ValueError, match="unknown feature"):
         host.requires()
