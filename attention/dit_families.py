@@ -48,8 +48,24 @@ def family_of(model_patcher):
     return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
+def _layout_problem(model_patcher):
+    """Why a model of a known family's class does not have the token layout the pack reads, or None.
+    Flux.2 (ComfyUI >= 0.3.72) runs in Flux's own class with patch size 1 (128-channel latents)
+    and its text left-padded to 512 tokens."""
+    patch = getattr(getattr(model_patcher.model.diffusion_model, "params", None), "patch_size", PATCH)
+    if patch != PATCH:
+        return (f"this is Flux.2 (or another model in Flux's class with patch size {patch}; the pack reads "
+                f"patch-{PATCH} token grids with the prompt first)")
+    return None
+
+
 def require_family(model_patcher):
     family = family_of(model_patcher)
+    problem = None if family is None else _layout_problem(model_patcher)
+    if problem is not None:
+        raise TypeError(
+            f"attention recording, InstDiffEdit and FoI do not support this model yet: {problem}. They "
+            f"support SD1.x, SD2.x and SDXL UNets and the DiT models {SUPPORTED}.")
     if family is None:
         name = type(model_patcher.model.diffusion_model).__name__
         raise TypeError(
