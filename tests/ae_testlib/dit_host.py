@@ -74,16 +74,38 @@ _TINY = {
 }
 
 
-def detected_config(family, size="tiny"):
-    """The host's own detection of the family's checkpoint skeleton, with the tiny widths set."""
+# Checkpoint variants of a family's skeleton: keys added (a shape) or left out (None), and the
+# tiny widths that change with them.
+VARIANTS = {
+    # Flux.2 (ComfyUI >= 0.3.72): global modulation, patch size 1 on a 128-channel latent
+    ("flux", "flux2"): ({"vector_in.in_layer.weight": None, "img_in.weight": (64, 128),
+                         "double_stream_modulation_img.lin.weight": (6 * 64, 64)},
+                        {"vec_in_dim": None, "axes_dim": [8, 8, 8, 8]}),
+    # Qwen-Image-Edit-2511: the marker key by which ComfyUI (>= 0.5) sets
+    # default_ref_method="index_timestep_zero" (reference tokens at timestep 0, a 2B-batch temb)
+    ("qwen", "edit_2511"): ({"__index_timestep_zero__": (0,)}, {}),
+}
+
+
+def detected_config(family, size="tiny", variant=None):
+    """The host's own detection of the family's checkpoint skeleton (optionally a VARIANTS entry),
+    with the tiny widths set."""
     import comfy.model_detection
 
-    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(family, size).items()}
+    keys, widths = VARIANTS[(family, variant)] if variant else ({}, {})
+    shapes = dict(_skeleton(family, size))
+    for key, shape in keys.items():
+        if shape is None:
+            shapes.pop(key)
+        else:
+            shapes[key] = shape
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     config = comfy.model_detection.detect_unet_config(skeleton, "")
     if config is None:
         raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
     if size != "full":
         config.update(_TINY[family])
+        config.update(widths)
     return config
 
 
@@ -100,14 +122,14 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES), built by the
-    supported_models class ComfyUI picks for the detected config."""
+def build(family, seed=0, size="tiny", variant=None):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
+    VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config."""
     require_dit_host()
     import comfy.model_detection
     import comfy.model_patcher
 
-    config = detected_config(family, size)
+    config = detected_config(family, size, variant)
     model_config = comfy.model_detection.model_config_from_unet_config(config)
     if model_config is None:
         raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
@@ -119,9 +141,9 @@ def build(family, seed=0, size="tiny"):
 
 
 @functools.lru_cache(maxsize=None)
-def model(family):
+def model(family, variant=None):
     """Cached tiny model; tests patch clones only."""
-    return build(family)
+    return build(family, variant=variant)
 
 
 def latent(family, batch=1, height=6, width=10):

@@ -78,10 +78,10 @@ def host_root():
 # so with `@host.requires("flux")` (or `pytestmark = host.requires(...)` for a module). Features
 # are detected by what exists (modules, attributes, files), never by version numbers, and only by
 # existence: a module that exists but fails to import fails its tests instead of skipping them.
-NEWER_HOST = "upstream ComfyUI 0.3.64 (../shared/hosts/comfyui-0.3.64.tar.xz, run with COMFYUI_PATH)"
+NEWER_HOST = "upstream ComfyUI 0.19.3 (../shared/hosts/comfyui-0.19.3.tar.xz, run with COMFYUI_PATH)"
 FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
-    #        or "file:PATH" relative to the host root)
+    #        or "file:PATH" relative to the host root; an attribute may be dotted: "module:Class.method")
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
     "chroma": ("Chroma DiT models with their T5 text encoder",
                ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
@@ -93,6 +93,15 @@ FEATURES = {
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
+    # core nodes / model code that only newer hosts have (docs/comfyui_versions.md)
+    "flux_kv_cache": ("the core Flux KV Cache node (comfy_extras.nodes_flux.FluxKVCache)",
+                      ["comfy_extras.nodes_flux:FluxKVCache"]),
+    "flux2": ("Flux.2 models (Flux's model class with patch size 1)", ["comfy.supported_models:Flux2"]),
+    "nag": ("the core Normalized Attention Guidance node (comfy_extras.nodes_nag.NAGuidance)",
+            ["comfy_extras.nodes_nag:NAGuidance"]),
+    "index_timestep_zero": ("Qwen-Image-Edit-2511's index_timestep_zero reference method (the "
+                            "block's two-timestep gate)",
+                            ["comfy.ldm.qwen_image.model:QwenImageTransformerBlock._apply_gate"]),
     "server": ("the ComfyUI server with its web frontend (main.py, server.py, "
                "comfyui_frontend_package)", ["file:main.py", "file:server.py", "comfyui_frontend_package"]),
 }
@@ -108,7 +117,12 @@ def _spec_exists(spec):
         return False
     if not found or not attribute:
         return found
-    return hasattr(importlib.import_module(module), attribute)
+    found = importlib.import_module(module)
+    for name in attribute.split("."):
+        if not hasattr(found, name):
+            return False
+        found = getattr(found, name)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
