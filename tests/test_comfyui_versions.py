@@ -321,3 +321,64 @@ def test_foi_on_qwen_image_edit_2511():
                         steps=3)
     assert dit_plant.iou(guider.masks[0, 0] > 0.5, region) >= 0.9
     assert guider.state.stats["modulated"] > 0 and guider.state.stats["skipped"] == 0
+
+
+# ------------------------------------------------------------------ patch protocols
+
+class ProtocolPatch:
+    """A replace patch another pack set, with the optional methods ComfyUI calls on patch objects:
+    .models() (extra models to load, both hosts) and .cleanup() (after sampling, newer hosts)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.counts = {"models": 0, "cleanup": 0}
+
+    def __call__(self, *args):
+        if self.kind == "dit":
+            args, extra = args
+            return extra["original_block"](args)
+        q, k, v, extra_options = args
+        from comfy.ldm.modules.attention import optimized_attention
+
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    def models(self):
+        self.counts["models"] += 1
+        return []
+
+    def cleanup(self):
+        self.counts["cleanup"] += 1
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_a_wrapped_patch_keeps_its_models_and_cleanup(kind):
+    """Where the pack wraps a replace patch that was already there, ComfyUI still reaches the
+    wrapped patch's .models() and (ModelPatcher.cleanup, newer hosts) .cleanup(): each is called
+    as often as when the patch samples alone."""
+    from ae_testlib import fixtures
+
+    layers = pack_module("attention.layers")
+    if kind == "dit":
+        model, latent = dit_host.model("flux"), dit_host.latent("flux")
+        positive, negative = dit_host.conditioning(N_TOKENS, seed=1), dit_host.conditioning(N_TOKENS, seed=2)
+        keys = [("dit", "double_block", 1)]
+    else:
+        model, latent = fixtures.model("sd15"), {"samples": torch.zeros(1, 4, 16, 16)}
+        positive, negative = fixtures.encode("sd15", "a cat"), fixtures.encode("sd15", "")
+        keys = [("attn2",) + layer.key for layer in layers.select_layers(model, 2)]
+
+    def patched(patch):
+        clone = model.clone()
+        for key in keys:
+            clone.set_model_patch_replace(patch, *key)
+        return clone
+
+    alone, wrapped = ProtocolPatch(kind), ProtocolPatch(kind)
+    rec.plain(patched(alone), positive, negative, latent)
+    with torch.inference_mode():
+        record.sample_recording(patched(wrapped), 1, rec.STEPS, rec.CFG, "euler", "normal", positive, negative,
+                                latent, dit_blocks="double 1")
+    assert wrapped.counts == alone.counts
