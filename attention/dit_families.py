@@ -136,6 +136,11 @@ def token_grid(latent_hw):
 
 def layout_of(x, context, diffusion_model):
     """The token layout of one forward, from the APPLY_MODEL inputs (noisy latent, context)."""
+    if x.ndim == 5 and x.shape[2] > 1:
+        raise TypeError(
+            f"this latent has {x.shape[2]} frames (Qwen-Image Layered in newer ComfyUI, or a video "
+            "latent): attention recording, InstDiffEdit and FoI read one image's token grid and do not "
+            "support multi-frame latents yet. Use a one-image latent (EmptySD3LatentImage / VAE Encode).")
     height, width = token_grid(x.shape[-2:])
     registers = getattr(diffusion_model, "register_length", 0)
     return Layout(registers, registers + context.shape[1], height * width)

@@ -382,3 +382,13 @@ def test_a_wrapped_patch_keeps_its_models_and_cleanup(kind):
         record.sample_recording(patched(wrapped), 1, rec.STEPS, rec.CFG, "euler", "normal", positive, negative,
                                 latent, dit_blocks="double 1")
     assert wrapped.counts == alone.counts
+
+
+def test_multi_frame_qwen_latent_is_refused():
+    """0.19.3's Qwen-Image runs multi-frame latents [B, C, F, H, W] (Qwen-Image Layered, a layer
+    per frame, tokens frame-major): the pack reads one frame's token grid, so it refuses them
+    by name instead of recording the first frame's rows as the image's."""
+    model = dit_host.model("qwen")
+    positive, negative = dit_host.conditioning(N_TOKENS, seed=1), dit_host.conditioning(N_TOKENS, seed=2)
+    with pytest.raises(TypeError, match="Layered"):
+        rec.recording(model, positive, negative, {"samples": torch.zeros(1, 16, 3, 6, 10)})
