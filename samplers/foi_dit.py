@@ -32,8 +32,8 @@ from ..attention.dit_families import family_of
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
 from ..masks.validate import check_number
-from .common import (check_sampling, initial_noise, latent_broadcast, latent_samples, progress_callback,
-                     progress_disabled, schedule)
+from .common import (check_sampling, initial_noise, latent_broadcast, latent_samples, output_latent,
+                     progress_callback, progress_disabled, schedule)
 from .foi import InstructionGuider, check_foi_settings, normalised_t, require_single_prompt
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
@@ -197,7 +197,5 @@ def sample_foi_dit(model, positive, negative, latent, seed, steps, sampler_name=
     out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         callback=callback or progress_callback(model, len(sigmas) - 1),
                         disable_pbar=progress_disabled(), seed=seed)
-    result = dict(latent)
-    result["samples"] = out.to(comfy.model_management.intermediate_device())
-    return result, guider
+    return output_latent(latent, out.to(comfy.model_management.intermediate_device())), guider
 

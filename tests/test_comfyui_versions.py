@@ -392,3 +392,35 @@ def test_multi_frame_qwen_latent_is_refused():
     positive, negative = dit_host.conditioning(N_TOKENS, seed=1), dit_host.conditioning(N_TOKENS, seed=2)
     with pytest.raises(TypeError, match="Layered"):
         rec.recording(model, positive, negative, {"samples": torch.zeros(1, 16, 3, 6, 10)})
+
+
+# ------------------------------------------------------------------ empty latents and output LATENTs
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_empty_latent_image_samples_as_core_ksampler(family):
+    """0.19.3's EmptyLatentImage adds "downscale_ratio_spacial" to the LATENT; ComfyUI's samplers
+    hand it to fix_empty_latent_channels (whose ratio argument is new) and leave it out of their
+    output. KSampler (Record Attention) on it equals core KSampler: same samples, same keys."""
+    from ae_testlib import fixtures, registry
+
+    core = registry.core_nodes()
+    (empty,) = run_node(core["EmptyLatentImage"], width=96, height=80, batch_size=1)
+    if family == "sd15":
+        model = fixtures.model("sd15")
+        positive, negative = fixtures.encode("sd15", "a corgi wearing a red hat"), fixtures.encode("sd15", "")
+        settings = {"resolution": node_calls.RESOLUTION, "layers": "down + up"}
+    else:
+        model = dit_host.model("flux")
+        positive, negative = dit_host.conditioning(N_TOKENS, seed=1), dit_host.conditioning(N_TOKENS, seed=2)
+        settings = {}
+    inputs = {"model": model, "seed": 1, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": positive, "negative": negative, "latent_image": empty, "denoise": 1.0}
+    with torch.inference_mode():
+        (theirs,) = run_node(core["KSampler"], **inputs)
+    if family == "sd15":
+        ours, _ = node_calls.call("AttentionEditKSamplerRecord", **inputs, **settings, branch="cond")
+    else:
+        ours, _ = rec.recording(model, positive, negative, empty, cfg=2.0)  # seed 1, 2 steps, euler, normal
+        ours = {"samples": ours}
+    assert torch.equal(ours["samples"], theirs["samples"])
+    assert set(ours) == set(theirs)
