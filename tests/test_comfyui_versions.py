@@ -94,11 +94,12 @@ def test_qwen_prompt_batch_with_text_padding_mask(normalise):
 
 # ------------------------------------------------------------------ Flux KV cache (0.17.0)
 
-def reference_conds(kontext=False, method=None):
-    """(positive, negative) with a reference latent (ReferenceLatent), Kontext's guidance
-    (FluxGuidance), and where `method` is given the reference method the core
+def reference_conds(family="flux", kontext=False, method=None):
+    """(positive, negative) with a reference latent (ReferenceLatent / TextEncodeQwenImageEdit),
+    Kontext's guidance (FluxGuidance), and where `method` is given the reference method the core
     FluxKontextMultiReferenceLatentMethod node sets."""
-    ref = {"reference_latents": [torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(5))]}
+    ref = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(5))
+    ref = {"reference_latents": [ref[:, :, None] if family == "qwen" else ref]}  # Qwen: one-frame latents
     if kontext:
         ref["guidance"] = 2.5
     conds = dit_host.conditioning(N_TOKENS, seed=1, **ref), dit_host.conditioning(N_TOKENS, seed=2, **ref)
@@ -111,21 +112,26 @@ def with_reference_method(conditioning, method):
 
 
 @host.requires("flux_kv_cache")
+@pytest.mark.parametrize("family", ["flux", "qwen"])
 @pytest.mark.parametrize("normalise", ["joint", "text"])
-def test_recording_with_the_flux_kv_cache_node(normalise):
+def test_recording_with_the_flux_kv_cache_node(family, normalise):
     """FluxKVCache (0.17.0) caches the reference image's keys / values at the first forward, then
-    drops the reference tokens from the queries: keys outnumber queries. The maps are the current
-    queries' image rows on the text keys, the latent the one core sampling gives with the cache.
-    Flux Kontext with the reference method "index" (FluxKontextMultiReferenceLatentMethod): the
-    node's own default, "index_timestep_zero", runs on Flux.2 only (Flux.1's blocks and its
-    pooled / guidance embeddings do not take the doubled timestep batch, in core sampling too),
-    and the pack refuses Flux.2 (test_flux2_is_refused_naming_it)."""
-    model = kv_cache(dit_host.model("flux"))
-    positive, negative = reference_conds(kontext=True, method="index")
-    latent = dit_host.latent("flux", 2, 6, 10)
-    calls, _ = check_maps(model, positive, negative, latent, normalise)
+    drops the reference tokens from the queries (a post_input patch): keys outnumber queries. The
+    maps are the current queries' image rows on the text keys, the latent the one core sampling
+    gives with the cache. Qwen-Image-Edit runs it as the node sets it up (reference tokens at
+    timestep 0, index_timestep_zero); Flux Kontext with the reference method "index"
+    (FluxKontextMultiReferenceLatentMethod): index_timestep_zero runs on Flux.2 only (Flux.1's
+    blocks and pooled / guidance embeddings do not take the doubled timestep batch, in core
+    sampling too), and the pack refuses Flux.2 (test_flux2_is_refused_naming_it)."""
+    model = kv_cache(dit_host.model(family))
+    if family == "flux":
+        positive, negative = reference_conds(family, kontext=True, method="index")
+    else:
+        positive, negative = reference_conds(family)
+    latent = dit_host.latent(family, 2, 6, 10)
+    calls, _ = check_maps(model, positive, negative, latent, normalise, family=family)
     assert any(k.shape[2] > q.shape[2] for q, k, *_ in calls)  # the cache was used
-    assert not torch.equal(rec.plain(dit_host.model("flux"), positive, negative, latent),
+    assert not torch.equal(rec.plain(dit_host.model(family), positive, negative, latent),
                            rec.plain(model, positive, negative, latent))  # and changes sampling
 
 
@@ -164,27 +170,28 @@ def test_recording_with_normalized_attention_guidance(family, cfg):
 
 # ------------------------------------------------------------------ FoI on Kontext with core patches
 
-PATCHES = [pytest.param("nag", marks=host.requires("nag")),
-           pytest.param("flux_kv_cache", marks=host.requires("flux_kv_cache"))]
+PATCHES = [pytest.param("kontext", "nag", marks=host.requires("nag")),
+           pytest.param("kontext", "flux_kv_cache", marks=host.requires("flux_kv_cache")),
+           pytest.param("qwen_edit", "flux_kv_cache", marks=host.requires("flux_kv_cache"))]
 
 
-def patched_kontext(patch):
-    return nag(dit_host.model("flux")) if patch == "nag" else kv_cache(dit_host.model("flux"))
-
-
-@pytest.mark.parametrize("patch", PATCHES)
-def test_foi_on_kontext_with_core_attention_patches(patch):
-    """FoI on Kontext with NAGuidance / FluxKVCache on the model: the planted keyword region comes
-    back as the mask and every instruction call is modulated; with modulation and disentangling off
-    and s_I = 1, FoI is core CFG of the instruction over the null instruction, patch included."""
-    base = patched_kontext(patch)
+@pytest.mark.parametrize("kind,patch", PATCHES)
+def test_foi_with_core_attention_patches(kind, patch):
+    """FoI on Kontext / Qwen-Image-Edit with NAGuidance / FluxKVCache on the model: the planted
+    keyword region comes back as the mask and every instruction call is modulated. On Kontext
+    (instruction and null in one forward), FoI with modulation and disentangling off and s_I = 1 is
+    core CFG of the instruction over the null instruction, the patch included. (Qwen-Image-Edit
+    runs one forward per branch, so which one fills the KV cache first follows the cond order,
+    which FoI sets and core CFG does not: no core comparison there.)"""
+    family = foi.FAMILIES[kind]
+    base = nag(dit_host.model(family)) if patch == "nag" else kv_cache(dit_host.model(family))
     hw = (16, 16)
     grid = families.token_grid(hw)
     region = dit_plant.region_mask(grid, slice(1, 5), slice(2, 6))
     planted = dit_plant.plant(base, region, [foi.WORDS.index("hat")], beta=8.0,
-                              branches=(foi.INSTRUCTION["kontext"],))
-    positive, negative = foi.conds("kontext", foi.instructions(("hat",)))
-    if patch == "flux_kv_cache":  # see test_recording_with_the_flux_kv_cache_node
+                              branches=(foi.INSTRUCTION[kind],))
+    positive, negative = foi.conds(kind, foi.instructions(("hat",)))
+    if kind == "kontext" and patch == "flux_kv_cache":  # see test_recording_with_the_flux_kv_cache_node
         positive = with_reference_method(positive, "index")
     latent = dit_host.latent("flux", 1, *hw)
     _, guider = foi.run(planted, positive, negative, latent, foi_dit.FoIDiTConfig(), steps=3)
@@ -193,11 +200,12 @@ def test_foi_on_kontext_with_core_attention_patches(patch):
 
     config = foi_dit.FoIDiTConfig(s_T=2.5, modulation=False, disentangle_fraction=0.0)
     edited, _ = foi.run(base, positive, negative, latent, config, steps=3)
-    null, full, _ = foi_dit.dit_conds(positive, negative, foi_dit.KONTEXT)
-    core = comfy_cfg(base, full, null, latent, 2.5, steps=3)
-    assert torch.allclose(edited, core, atol=1e-6, rtol=0), float((edited - core).abs().max())
-    unpatched, _ = foi.run(dit_host.model("flux"), positive, negative, latent, config, steps=3)
+    unpatched, _ = foi.run(dit_host.model(family), positive, negative, latent, config, steps=3)
     assert not torch.equal(edited, unpatched)  # the patch acted inside FoI's model calls
+    if kind == "kontext":
+        null, full, _ = foi_dit.dit_conds(positive, negative, foi_dit.KONTEXT)
+        core = comfy_cfg(base, full, null, latent, 2.5, steps=3)
+        assert torch.allclose(edited, core, atol=1e-6, rtol=0), float((edited - core).abs().max())
 
 
 def comfy_cfg(model, positive, negative, latent, cfg, steps, seed=0):
