@@ -19,7 +19,7 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 """
 import torch
 
-from ..attention.dit_families import family_of
+from ..attention.dit_families import dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm
@@ -129,7 +129,7 @@ def _dit_capture(family_name, tokens, input_name):
 
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
-    family = family_of(model)
+    family = dit_family(model)
     return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
 
 

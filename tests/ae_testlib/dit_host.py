@@ -43,11 +43,6 @@ def _skeleton(family, size):
                 "vector_in.in_layer.weight": (hidden, pooled), "guidance_in.in_layer.weight": (hidden, 256),
                 **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (hidden // 24,)),
                 **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (hidden // 24,))}
-    if family == "flux2":  # Flux.2: Flux's class with global modulation, patch 1 on a 128-channel latent
-        return {"img_in.weight": (64, 128), "txt_in.weight": (64, CONTEXT_DIM),
-                "double_stream_modulation_img.lin.weight": (6 * 64, 64),
-                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
-                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
     if family == "chroma":  # no vector_in, no guidance_in: a distilled guidance layer instead
         return {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM),
                 "distilled_guidance_layer.norms.0.scale": (32,),
@@ -64,7 +59,7 @@ def _skeleton(family, size):
         hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
-    raise ValueError(f"family must be one of {FAMILIES} or 'flux2' (unsupported), got {family!r}")
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
 # What detection cannot read from the skeleton's few keys (it assumes the full model's head count
@@ -72,7 +67,6 @@ def _skeleton(family, size):
 _TINY = {
     "flux": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
                  context_in_dim=CONTEXT_DIM, vec_in_dim=POOLED_DIM),
-    "flux2": dict(hidden_size=64, num_heads=2, axes_dim=[8, 8, 8, 8], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM),
     "chroma": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM,
                    out_dim=64, hidden_dim=32, n_layers=1),
     "sd3": {},
@@ -81,16 +75,38 @@ _TINY = {
 }
 
 
-def detected_config(family, size="tiny"):
-    """The host's own detection of the family's checkpoint skeleton, with the tiny widths set."""
+# Checkpoint variants of a family's skeleton: keys added (a shape) or left out (None), and the
+# tiny widths that change with them.
+VARIANTS = {
+    # Flux.2 (ComfyUI >= 0.3.72): global modulation, patch size 1 on a 128-channel latent
+    ("flux", "flux2"): ({"vector_in.in_layer.weight": None, "img_in.weight": (64, 128),
+                         "double_stream_modulation_img.lin.weight": (6 * 64, 64)},
+                        {"vec_in_dim": None, "axes_dim": [8, 8, 8, 8]}),
+    # Qwen-Image-Edit-2511: the marker key by which ComfyUI (>= 0.5) sets
+    # default_ref_method="index_timestep_zero" (reference tokens at timestep 0, a 2B-batch temb)
+    ("qwen", "edit_2511"): ({"__index_timestep_zero__": (0,)}, {}),
+}
+
+
+def detected_config(family, size="tiny", variant=None):
+    """The host's own detection of the family's checkpoint skeleton (optionally a VARIANTS entry),
+    with the tiny widths set."""
     import comfy.model_detection
 
-    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(family, size).items()}
+    keys, widths = VARIANTS[(family, variant)] if variant else ({}, {})
+    shapes = dict(_skeleton(family, size))
+    for key, shape in keys.items():
+        if shape is None:
+            shapes.pop(key)
+        else:
+            shapes[key] = shape
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     config = comfy.model_detection.detect_unet_config(skeleton, "")
     if config is None:
         raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
     if size != "full":
         config.update(_TINY[family])
+        config.update(widths)
     return config
 
 
@@ -104,17 +120,24 @@ def _init(model, seed):
                 param.fill_(1.0)
             else:
                 param.fill_(float("nan"))
+        # checkpoint tensors ComfyUI keeps as buffers (SD3's pos_embed, torch.empty until a state
+        # dict loads): left alone they hold whatever memory held, NaN at times, so a test's
+        # result would depend on what ran before it
+        generator = torch.Generator().manual_seed(seed + 1)
+        for name, buffer in model.diffusion_model.named_buffers():
+            if name.rsplit(".", 1)[-1] == "pos_embed" and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.02)
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES), built by the
-    supported_models class ComfyUI picks for the detected config."""
+def build(family, seed=0, size="tiny", variant=None):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
+    VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config."""
     require_dit_host()
     import comfy.model_detection
     import comfy.model_patcher
 
-    config = detected_config(family, size)
+    config = detected_config(family, size, variant)
     model_config = comfy.model_detection.model_config_from_unet_config(config)
     if model_config is None:
         raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
@@ -126,9 +149,9 @@ def build(family, seed=0, size="tiny"):
 
 
 @functools.lru_cache(maxsize=None)
-def model(family):
+def model(family, variant=None):
     """Cached tiny model; tests patch clones only."""
-    return build(family)
+    return build(family, variant=variant)
 
 
 def latent(family, batch=1, height=6, width=10):

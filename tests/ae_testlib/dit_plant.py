@@ -21,14 +21,14 @@ WRAPPER_KEY = "attention_edit_test_plant"
 
 class _PlantingOverride:
     def __init__(self, bias_of, inner):
-        self.bias_of = bias_of  # (q_len, batch, dtype, device) -> additive bias [B, 1, L, L] or None
+        self.bias_of = bias_of  # (q_len, k_len, batch, dtype, device) -> additive bias [B, 1, Lq, Lk] or None
         self.inner = inner
 
     def __call__(self, func, *args, **kwargs):
         kernel = pack_module("attention.dit_kernel")
         call = kernel.bind_attention_args(args, kwargs)
-        q, _, _, mask = kernel.heads_first(call)
-        bias = self.bias_of(q.shape[2], q.shape[0], q.dtype, q.device)
+        q, k, _, mask = kernel.heads_first(call)
+        bias = self.bias_of(q.shape[2], k.shape[2], q.shape[0], q.dtype, q.device)
         if bias is not None:
             bias = bias if mask is None else mask + bias
             if len(args) > 4:  # mask passed positionally (Qwen); the kernels name q, k, v differently
@@ -59,10 +59,11 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,)):
         grid = region if region.ndim == 3 else region.expand(per_chunk, *region.shape)
         grid = grid.repeat(len(chunks), 1, 1)  # batch row b of each chunk gets region[b]
 
-        def bias_of(length, batch, dtype, device):
+        def bias_of(length, key_length, batch, dtype, device):
             if length < layout.n_txt + layout.n_img or batch != x.shape[0]:
                 return None  # image-only attention (SD3.5's extra self-attention)
-            bias = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
+            # keys may outnumber queries (the core FluxKVCache node appends cached reference keys)
+            bias = torch.zeros(batch, 1, length, key_length, dtype=dtype, device=device)
             values = (grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)).to(device)
             for column in columns:
                 bias[:, 0, layout.image_rows, layout.prompt_start + column] = values

@@ -37,7 +37,9 @@ def import_host():
     """Import ComfyUI once (CPU mode) and return a short description of the host."""
     path = os.environ.get("COMFYUI_PATH")
     if path:
-        sys.path.insert(0, os.path.abspath(path))
+        # absolute for the subprocesses tests start in other folders too (COMFYUI_PATH=.hosts/...)
+        os.environ["COMFYUI_PATH"] = path = os.path.abspath(path)
+        sys.path.insert(0, path)
     try:
         import torchvision  # noqa: F401
     except Exception:
@@ -74,9 +76,8 @@ def host_root():
 NEWER_HOST = "upstream ComfyUI 0.19.3 (../shared/hosts/comfyui-0.19.3.tar.xz, run with COMFYUI_PATH)"
 FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
-    #        or "file:PATH" relative to the host root)
+    #        or "file:PATH" relative to the host root; an attribute may be dotted: "module:Class.method")
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
-    "flux2": ("Flux.2 DiT models", ["comfy.supported_models:Flux2"]),
     "chroma": ("Chroma DiT models with their T5 text encoder",
                ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
     "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",
@@ -87,6 +88,15 @@ FEATURES = {
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
+    # core nodes / model code that only newer hosts have (docs/comfyui_versions.md)
+    "flux_kv_cache": ("the core Flux KV Cache node (comfy_extras.nodes_flux.FluxKVCache)",
+                      ["comfy_extras.nodes_flux:FluxKVCache"]),
+    "flux2": ("Flux.2 models (Flux's model class with patch size 1)", ["comfy.supported_models:Flux2"]),
+    "nag": ("the core Normalized Attention Guidance node (comfy_extras.nodes_nag.NAGuidance)",
+            ["comfy_extras.nodes_nag:NAGuidance"]),
+    "index_timestep_zero": ("Qwen-Image-Edit-2511's index_timestep_zero reference method (the "
+                            "block's two-timestep gate)",
+                            ["comfy.ldm.qwen_image.model:QwenImageTransformerBlock._apply_gate"]),
     "server": ("the ComfyUI server with its web frontend (main.py, server.py, "
                "comfyui_frontend_package)", ["file:main.py", "file:server.py", "comfyui_frontend_package"]),
 }
@@ -102,7 +112,12 @@ def _spec_exists(spec):
         return False
     if not found or not attribute:
         return found
-    return hasattr(importlib.import_module(module), attribute)
+    found = importlib.import_module(module)
+    for name in attribute.split("."):
+        if not hasattr(found, name):
+            return False
+        found = getattr(found, name)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
