@@ -22,7 +22,30 @@ def require_dit_host():
         pytest.skip(reason)
 
 
+# The real models' depths and widths (ComfyUI's model_detection on their checkpoints): Flux.1 [dev]
+# (and Kontext, the same network), Chroma, SD3.5 Large, Qwen-Image. For tests/device/run.py on a GPU.
+REAL_CONFIGS = {
+    "flux": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
+    "chroma": dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
+                   mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                   theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
+                   n_layers=5),
+    "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=38, input_size=None, adm_in_channels=2048,
+                num_patches=36864, pos_embed_max_size=192, qk_norm="rms", pos_embed_scaling_factor=None,
+                x_block_self_attn_layers=[],
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 2432}}),
+    "qwen": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                 axes_dims_rope=(16, 56, 56)),
+}
+
+
 def _configs(size):
+    if size == "real":
+        return REAL_CONFIGS
     wide = size == "full"
     flux = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768 if wide else POOLED_DIM,
                 context_in_dim=4096 if wide else CONTEXT_DIM, hidden_size=3072 if wide else 64,
@@ -58,14 +81,19 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES)."""
+def build(family, seed=0, size="tiny", on_device=False):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES). size "tiny"
+    (tests), "full" (Flux: full width, 2 + 2 blocks) or "real" (the real model). On the CPU in
+    float32, unless on_device: built as ComfyUI loads it on its device (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
     import comfy.supported_models as sm
 
     classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
-    model = classes[family](_configs(size)[family]).get_model({})
+    model_config = classes[family](dict(_configs(size)[family]))
+    if on_device:
+        return host.on_comfy_device(model_config, lambda model: _init(model, seed))
+    model = model_config.get_model({})
     _init(model, seed)
     model.eval()
     cpu = torch.device("cpu")
