@@ -81,10 +81,11 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny", on_device=False):
+def build(family, seed=0, size="tiny", on_device=False, dtype=None):
     """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES). size "tiny"
     (tests), "full" (Flux: full width, 2 + 2 blocks) or "real" (the real model). On the CPU in
-    float32, unless on_device: built as ComfyUI loads it on its device (host.on_comfy_device)."""
+    float32 (or `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its
+    device (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -92,7 +93,9 @@ def build(family, seed=0, size="tiny", on_device=False):
     classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
     model_config = classes[family](dict(_configs(size)[family]))
     if on_device:
-        return host.on_comfy_device(model_config, lambda model: _init(model, seed))
+        return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
+    if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks
+        model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     _init(model, seed)
     model.eval()
