@@ -177,7 +177,8 @@ def measure(model, size=SIZE, repeats=3, step=0):
                     if result is not None:
                         losses[name] = float(result.sum())
         medians = {name: statistics.median(values) for name, values in times.items()}
-        found.update(device=device.type, medians=medians, peaks=peaks, totals=totals, losses=losses, iterations=config.iterations,
+        found.update(device=device.type, medians=medians, peaks=peaks, totals=totals, losses=losses,
+                     iterations=config.iterations,
                      iteration=medians["MAG-Edit iteration"] + medians["reconstruction pass"] / config.iterations)
         return torch.cat([x, x])
 
