@@ -126,10 +126,11 @@ def sync(device):
 
 
 def compare(run, name, variants, baseline, what, repeats):
-    """Time `variants` ({label: fn -> result}) interleaved after one warm-up each (kernels load,
-    autotuning), with the device synchronised in each run and each run's peak memory. Records the
-    ratio NAME, the medians NAME_s / NAME_base_s and peaks NAME_peak_gb / NAME_base_peak_gb; returns
-    {label: last result} and {label: warm-up result}."""
+    """Time `variants` ({label: fn -> result}) interleaved after one warm-up each on the GPU
+    (kernels load, autotuning), with the device synchronised in each run and each run's peak
+    memory. Records the ratio NAME, the medians NAME_s / NAME_base_s and peaks NAME_peak_gb /
+    NAME_base_peak_gb; returns {label: last result} and {label: warm-up result} (None in the smoke
+    run, which skips the warm-ups: seconds of CPU time, and nothing to warm up)."""
     from bench_magedit import PeakMemory
     from common import interleaved
 
@@ -144,8 +145,8 @@ def compare(run, name, variants, baseline, what, repeats):
         return go
 
     timed = {label: measured(label, fn) for label, fn in variants.items()}
-    warm = {}
-    for label, go in timed.items():
+    warm = None if run.smoke else {}
+    for label, go in timed.items() if warm is not None else ():
         with torch.inference_mode():
             go()
         warm[label] = results[label]
@@ -167,11 +168,13 @@ def check_record_identical(run, name, results, warm):
     """Recording must not change the sampled latent (bit for bit). Plain sampling is run twice to
     tell a nondeterministic kernel on this device from a change by the recorder."""
     plain, recorded = samples(results["KSampler"]), samples(results["KSampler (Record Attention)"])
-    repeatable = torch.equal(plain, samples(warm["KSampler"]))
     identical = torch.equal(plain, recorded)
+    if warm is None:
+        repeatable = "ran once"
+    else:
+        repeatable = "repeats bit-exactly" if torch.equal(plain, samples(warm["KSampler"])) else "differs between runs"
     detail = "latent bit-identical with and without recording" if identical else (
-        f"max |diff| {float((plain.float() - recorded.float()).abs().max()):.3g}; plain sampling "
-        + ("repeats bit-exactly here" if repeatable else "itself differs between runs here"))
+        f"max |diff| {float((plain.float() - recorded.float()).abs().max()):.3g}; plain sampling {repeatable} here")
     run.check(f"{name}_identical", identical, detail)
 
 
