@@ -44,19 +44,45 @@ DEFAULT_SPAN = (0.79, 0.95)
 
 def family_of(model_patcher):
     """The Family of a ModelPatcher's diffusion model, or None for a UNet / unknown model."""
-    kind = type(model_patcher.model.diffusion_model)
-    return FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+    diffusion_model = model_patcher.model.diffusion_model
+    kind = type(diffusion_model)
+    family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+    if family is not None and getattr(diffusion_model, "patch_size", PATCH) != PATCH:
+        return None  # another token layout in a known class: Flux.2 runs in Flux's class with patch 1
+    return family
+
+
+# The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
+OLDEST_DIT_HOST = "0.3.64"
 
 
 def require_family(model_patcher):
     family = family_of(model_patcher)
     if family is None:
         name = type(model_patcher.model.diffusion_model).__name__
+        variant = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}).get("image_model")
+        name = f"{name}, {variant}" if variant else name
         raise TypeError(
             f"attention recording does not support this model ({name}); it supports SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."
         )
+    require_attention_override()
     return family
+
+
+def require_attention_override():
+    """Every DiT capture goes through transformer_options["optimized_attention_override"]
+    (ComfyUI 0.3.60+, in wrap_attn). An older ComfyUI never calls it: without this check its maps
+    would come back empty, without an error."""
+    import comfy.ldm.modules.attention as attention
+
+    if not hasattr(attention, "wrap_attn"):
+        raise RuntimeError(
+            f"attention-edit on DiT models ({SUPPORTED}) needs ComfyUI {OLDEST_DIT_HOST} or newer: this "
+            "ComfyUI has no attention override hook (transformer_options['optimized_attention_override'], "
+            "added in 0.3.60). Update ComfyUI (git pull, or Manager > Update ComfyUI); SD1.x, SD2.x and "
+            "SDXL models work on this version."
+        )
 
 
 def default_blocks(family, diffusion_model):
@@ -69,21 +95,22 @@ def default_blocks(family, diffusion_model):
 _ITEM = re.compile(r"^(?:(double|joint|single)\s*)?(all|\d+(?:\s*-\s*\d+)?)$")
 
 
-def parse_blocks(spec, family, diffusion_model):
+def parse_blocks(spec, family, diffusion_model, input_name="dit_blocks"):
     """'' -> the family default; else comma-separated items such as '15-18', 'double 3',
-    'single 0-9', 'all', 'single all' ('joint' = 'double'; a bare range means double blocks)."""
+    'single 0-9', 'all', 'single all' ('joint' = 'double'; a bare range means double blocks).
+    input_name: the node input the spec came from, for errors."""
     if not spec.strip():
         return default_blocks(family, diffusion_model)
     chosen = []
     for item in (part.strip().lower() for part in spec.split(",")):
         match = _ITEM.match(item)
         if not match:
-            raise ValueError(f"dit_blocks: cannot read {item!r}; write e.g. '15-18', 'double 3', "
+            raise ValueError(f"{input_name}: cannot read {item!r}; write e.g. '15-18', 'double 3', "
                              "'single 0-9' or 'all', comma-separated (empty for the default)")
         kind = "single" if match.group(1) == "single" else "double"
         depth = family.depth(diffusion_model, kind)
         if not depth:
-            raise ValueError(f"dit_blocks: {family.name} has no single blocks; it has "
+            raise ValueError(f"{input_name}: {family.name} has no single blocks; it has "
                              f"{family.depth(diffusion_model, 'double')} joint blocks (0-"
                              f"{family.depth(diffusion_model, 'double') - 1})")
         if match.group(2) == "all":
@@ -92,10 +119,10 @@ def parse_blocks(spec, family, diffusion_model):
             bounds = [int(b) for b in match.group(2).replace(" ", "").split("-")]
             indices = range(bounds[0], bounds[-1] + 1)
             if bounds[0] > bounds[-1]:
-                raise ValueError(f"dit_blocks: {item!r} runs backwards; write the lower block first "
+                raise ValueError(f"{input_name}: {item!r} runs backwards; write the lower block first "
                                  f"('{bounds[-1]}-{bounds[0]}')")
             if bounds[-1] >= depth:
-                raise ValueError(f"dit_blocks: {item!r} is outside {family.name}'s {kind} blocks 0-{depth - 1}")
+                raise ValueError(f"{input_name}: {item!r} is outside {family.name}'s {kind} blocks 0-{depth - 1}")
         chosen.extend((f"{kind}_block", i) for i in indices if (f"{kind}_block", i) not in chosen)
     return chosen
 

@@ -142,6 +142,7 @@ class DiTRecorder(AttentionRecorder):
         self._dit_keys = set(options["patches_replace"]["dit"])
         model_clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                          self._apply_model)
+        self.watch_conds(model_clone)
         return model_clone
 
     def _ordinary_pass(self, transformer_options):
@@ -158,7 +159,7 @@ class DiTRecorder(AttentionRecorder):
                 return None
             self.steps_seen.add(step)
         rows, chunks = branch_rows(transformer_options.get("cond_or_uncond") or [0], self.branch,
-                                    x.shape[0], x.device)
+                                    x.shape[0], x.device, self.chunks_kept(transformer_options))
         if rows is None:
             return None
         layout = layout_of(x, context, self.diffusion_model)

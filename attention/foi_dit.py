@@ -334,7 +334,7 @@ def install_foi_dit(model_clone, state):
 
     family = require_family(model_clone)
     diffusion_model = model_clone.model.diffusion_model
-    state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model)
+    state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model, "mask_blocks")
     tag_blocks(model_clone, state.mask_blocks, state)  # says when a mask block runs
     options = model_clone.model_options["transformer_options"]
     options["optimized_attention_override"] = _FoIOverride(state, options.get("optimized_attention_override"))

@@ -9,8 +9,11 @@ import torch
 
 from .layers import ReplacePatch, install_replace, select_layers
 from .maps import AttentionMaps
+from .tokens import ANNOTATION_KEY
 
 BRANCHES = {"cond": 0, "uncond": 1}
+BRANCH_INPUTS = {0: "positive", 1: "negative"}  # the guider's conds key of each branch
+CONDS_KEY = "attention_edit_record_conds"
 
 
 def head_probs(q, k, heads):
@@ -56,12 +59,13 @@ class _RecordingPatch(ReplacePatch):
         return out
 
 
-def branch_rows(chunks, branch, batch, device):
+def branch_rows(chunks, branch, batch, device, keep=None):
     """(rows, count): the batch rows of every chunk of cond `branch` in a call whose chunks are
     `chunks` (cond_or_uncond), as a slice (a view) when they are contiguous, else an index
-    tensor; (None, 0) when the call has none."""
+    tensor; (None, 0) when the call has none. keep: None, or one bool per chunk (False leaves
+    a chunk of the branch out: another prompt of that branch, AttentionRecorder.chunks_kept)."""
     per_chunk = batch // len(chunks)
-    picked = [i for i, kind in enumerate(chunks) if kind == branch]
+    picked = [i for i, kind in enumerate(chunks) if kind == branch and (keep is None or keep[i])]
     if not picked:
         return None, 0
     if picked == list(range(picked[0], picked[-1] + 1)):
@@ -91,6 +95,7 @@ class AttentionRecorder:
         self.branch = BRANCHES[branch]
         self.steps = None if steps is None else set(steps)
         self.n_tokens = n_tokens  # the recorded prompt's token count (None: the first call's key count)
+        self.recorded = None  # uuids of the branch's annotated conds when plain ones are mixed in
         self.layers = []
         self.schedule = None
         self.latent_hw = None
@@ -110,7 +115,39 @@ class AttentionRecorder:
         for layer in self.layers:
             install_replace(model_clone, "attn2", layer,
                             lambda inner, layer=layer: _RecordingPatch(self, layer, inner))
+        self.watch_conds(model_clone)
         return model_clone
+
+    def watch_conds(self, model_clone):
+        """Conditioning Combine of an Attention Text Encode prompt and a plain one gives the branch
+        two conds, which ComfyUI may batch into one call: cond_or_uncond cannot tell them apart,
+        but each cond has a uuid (transformer_options["uuids"], one per chunk). An OUTER_SAMPLE
+        wrapper reads the guider's conds once per run and keeps the annotated ones' uuids."""
+        import comfy.patcher_extension
+
+        model_clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CONDS_KEY,
+                                         self._outer_sample)
+
+    def _outer_sample(self, executor, *args, **kwargs):
+        conds = (getattr(executor.class_obj, "conds", None) or {}).get(BRANCH_INPUTS[self.branch]) or []
+        annotated = [cond for cond in conds if ANNOTATION_KEY in cond]
+        # only a mix needs telling apart: all annotated (or none, a plain prompt) records every chunk
+        mixed = 0 < len(annotated) < len(conds)
+        self.recorded = {cond.get("uuid") for cond in annotated} if mixed else None
+        return executor(*args, **kwargs)
+
+    def chunks_kept(self, options):
+        """None (every chunk of the branch is the recorded prompt's), or one bool per chunk."""
+        if self.recorded is None:
+            return None
+        uuids = options.get("uuids")
+        if uuids is None or None in self.recorded:
+            raise RuntimeError(
+                "this ComfyUI does not say which prompt each batch row belongs to, so a prompt joined to the "
+                "recorded one (Conditioning Combine with a plain CLIP Text Encode) cannot be left out of its "
+                "maps. Record with the Attention Text Encode prompt alone, or encode every joined prompt "
+                "with Attention Text Encode.")
+        return [uuid in self.recorded for uuid in uuids]
 
     @property
     def grid(self):
@@ -136,7 +173,8 @@ class AttentionRecorder:
             if step is None or step not in self.steps:
                 return
             self.steps_seen.add(step)
-        rows, count = branch_rows(extra_options.get("cond_or_uncond") or [0], self.branch, q.shape[0], q.device)
+        rows, count = branch_rows(extra_options.get("cond_or_uncond") or [0], self.branch, q.shape[0], q.device,
+                                  self.chunks_kept(extra_options))
         if rows is None:
             return
         if self.n_tokens is None:

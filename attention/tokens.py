@@ -240,6 +240,15 @@ def annotation_of(conditioning):
     return found[0]
 
 
+def recorded_length(conditioning):
+    """The token count of the prompt a recorder records from a CONDITIONING: the annotated cond's
+    (Conditioning Combine may put a plain, longer prompt first), else the first cond's."""
+    for cond, options in conditioning:
+        if ANNOTATION_KEY in options:
+            return cond.shape[1]
+    return conditioning[0][0].shape[1]
+
+
 def no_words_reason(conditioning, input_name="positive"):
     """Why `annotation_of(conditioning)` is None, and what to do: the error text of every node
     that needs words from it (or from the maps recorded with it)."""

@@ -40,19 +40,45 @@ def latent_broadcast(mask, like):
     return mask.reshape(mask.shape[0], *([1] * (like.dim() - 3)), *mask.shape[1:])
 
 
+def _latent_format(model):
+    try:
+        return model.get_model_object("latent_format")
+    except AttributeError:
+        return getattr(getattr(model, "model", None), "latent_format", None)
+
+
 def model_latent_channels(model):
     """The channel count of the model's own latent format (4 for SD1.x / SDXL, 16 for SD3 / Flux,
     ...), or None where the model does not say."""
-    try:
-        latent_format = model.get_model_object("latent_format")
-    except AttributeError:
-        latent_format = getattr(getattr(model, "model", None), "latent_format", None)
-    return getattr(latent_format, "latent_channels", None)
+    return getattr(_latent_format(model), "latent_channels", None)
+
+
+def model_name(model):
+    family = family_of(model)
+    return family.name if family is not None else "this model"
+
+
+def check_latent_shape(model, samples, input_name, what="latent"):
+    """An image latent as the model's code unpacks it: [B, C, H, W], or [B, C, 1, H, W] where the
+    latent format has a frame axis (Qwen-Image's Wan VAE). Checked here because the model's own
+    code fails on anything else with a bare reshape / unpack error."""
+    frame_axis = getattr(_latent_format(model), "latent_dimensions", 2) == 3
+    shape = tuple(samples.shape)
+    if samples.dim() == (5 if frame_axis else 4) and (not frame_axis or shape[2] == 1):
+        return samples
+    takes = "[batch, channels, 1, height, width] (one frame)" if frame_axis else "[batch, channels, height, width]"
+    found = (f"{shape[2]} frames" if frame_axis and samples.dim() == 5
+             else f"{samples.dim()} dimensions")
+    raise ValueError(
+        f"the '{input_name}' {what} has {found} (shape {shape}) but {model_name(model)} takes image "
+        f"latents {takes}: the pack edits one image per batch item. Connect an image latent (VAE "
+        "Encode of an image, or the empty latent node for this model), not a video or batched-frames latent.")
 
 
 def check_latent(model, samples, input_name, what="latent", noise_mask=None):
-    """The one latent check of every sampler: a LATENT of the model's own channel count, finite,
-    with a finite noise mask (Set Latent Noise Mask) if it has one. Returns `samples`."""
+    """The one latent check of every sampler: an image LATENT of the model's own shape and channel
+    count, finite, with a finite noise mask (Set Latent Noise Mask) if it has one. Returns `samples`."""
+    check_latent_shape(model, samples, input_name, what)
     channels = model_latent_channels(model)
     if channels is not None and (samples.dim() < 2 or samples.shape[1] != channels):
         found = samples.shape[1] if samples.dim() >= 2 else "no"

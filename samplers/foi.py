@@ -30,6 +30,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
+from ..attention.dit_families import family_of
 from ..attention.foi_modulation import t_from_timestep, xi
 from ..attention.foi_patch import FoIState, install_foi
 from ..attention.instructions import instructions_of
@@ -96,6 +97,13 @@ def require_ip2p(model_patcher):
     is_ip2p = any(cls.__name__ == "IP2P" for cls in type(base).__mro__) or hasattr(base, "process_ip2p_image_in")
     if is_ip2p:
         return
+    family = family_of(model_patcher)
+    if family is not None:  # a DiT: its in_channels count patchified pixels, not latent channels
+        raise ValueError(
+            f"FoI Sampler / FoI Guider take InstructPix2Pix UNets; this model is {family.name} (a DiT). "
+            "For Flux Kontext and Qwen-Image-Edit use 'FoI Sampler (Kontext / Qwen-Image-Edit)' or "
+            "'FoI Guider (Kontext / Qwen-Image-Edit)' with 'Instruction Text Encode' (+ ReferenceLatent) "
+            "or 'Instruction Text Encode (Qwen-Image-Edit)'.")
     unet = getattr(base, "diffusion_model", None)
     channels = getattr(unet, "in_channels", "?")
     raise ValueError(
@@ -187,6 +195,8 @@ class InstructionGuider(comfy.samplers.CFGGuider):
         return self.state.soft_maps
 
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        # the FoI sampler nodes and SamplerCustomAdvanced alike: before the model's code runs on it
+        check_latent(self.model_patcher, latent_image, "latent_image")
         self.state.begin(noise.shape[-2:])
         self.schedule = sigmas.detach().float().cpu()
         self.evaluations = 0

@@ -32,8 +32,8 @@ from ..attention.dit_families import family_of
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
 from ..masks.validate import check_number
-from .common import (check_sampling, initial_noise, latent_broadcast, latent_samples, progress_callback,
-                     progress_disabled, schedule)
+from .common import (check_latent, check_sampling, initial_noise, latent_broadcast, latent_samples,
+                     progress_callback, progress_disabled, schedule)
 from .foi import InstructionGuider, check_foi_settings, normalised_t, require_single_prompt
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
@@ -147,6 +147,9 @@ class FoIDiTGuider(InstructionGuider):
                 "Encode and FoI changed the text (connect its output directly, through ReferenceLatent / "
                 "FluxGuidance only).")
         null, full, neither = dit_conds(positive, negative, self.model)
+        for name, conditioning in (("positive", positive), ("negative", negative)):
+            for reference in conditioning[0][1].get("reference_latents") or []:
+                check_latent(self.model_patcher, reference, name, f"reference latent ({self.model.reference})")
         self.state.branches = dict(branch_order(full, null))
         self.inner_set_conds({"negative": null, "positive": full, "neither": neither})
 

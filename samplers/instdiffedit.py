@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from ..attention.tokens import tokens_of
+from ..attention.tokens import recorded_length, tokens_of
 from ..masks.validate import check_finite, check_number
 from .common import (check_latent, check_sampling, latent_broadcast, latent_samples, progress_callback,
                      progress_disabled, schedule)
@@ -99,10 +99,7 @@ def check_thresholds(theta_hi, theta_lo, phi):
 
 
 def check_source(model, samples, input_name="source", noise_mask=None):
-    # [B, C, H, W]; Qwen-Image's latents have a frame axis of one: [B, C, 1, H, W]
-    if samples.dim() not in (4, 5) or (samples.dim() == 5 and samples.shape[2] != 1):
-        raise ValueError(f"the '{input_name}' latent has shape {tuple(samples.shape)}; InstDiffEdit "
-                         "needs image latents [batch, channels, height, width] (VAE Encode)")
+    # the model's image latent shape ([B, C, H, W]; Qwen-Image [B, C, 1, H, W]) and channels
     check_latent(model, samples, input_name, noise_mask=noise_mask)
 
 
@@ -249,7 +246,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
 
     patched = model.clone()
     sigmas = edit_schedule(patched, steps, sampler_name, scheduler, strength)
-    recorder = capture.recorder(positive[0][0].shape[1])
+    recorder = capture.recorder(recorded_length(positive))
     recorder.install(patched, latent_hw, sigmas)
     check_grid(recorder.grid, latent_hw)
 

@@ -2,7 +2,7 @@
 from ..attention.dit_families import family_of, require_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
-from ..attention.tokens import annotation_of, no_words_reason
+from ..attention.tokens import annotation_of, no_words_reason, recorded_length
 from .common import check_latent, check_sampling, ksample, latent_samples, schedule
 
 
@@ -25,7 +25,7 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
-    recorder = make_recorder(patched, branch, prompt[0][0].shape[1], level, parts, dit_blocks, normalise)
+    recorder = make_recorder(patched, branch, recorded_length(prompt), level, parts, dit_blocks, normalise)
     recorder.install(patched, latent["samples"].shape[-2:], sigmas)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)

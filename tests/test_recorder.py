@@ -187,10 +187,7 @@ def test_interrupted_run_leaves_no_trace(comfy_host):
     InterruptProcessingException from wherever it is checked) leaves nothing behind."""
     import comfy.model_management
 
-    # the PyPI snapshot keeps it in comfy.interruption
-    interrupted = getattr(comfy.model_management, "InterruptProcessingException", None)
-    if interrupted is None:
-        from comfy.interruption import InterruptProcessingException as interrupted
+    interrupted = comfy.model_management.InterruptProcessingException
     model = fixtures.model("sd15")
     before = repr(model.model_options)
     positive, negative = prompts("sd15")

@@ -1,5 +1,13 @@
 """Tiny random-weight DiT models (Flux, Flux Kontext, Chroma, SD3, Qwen-Image) from ComfyUI's own
-classes, and the one skip for hosts without them (the PyPI snapshot predates ComfyUI's DiTs)."""
+classes, configured the way ComfyUI configures a checkpoint it loads.
+
+Each family is described by a *checkpoint skeleton*: the keys (with tiny shapes) by which
+`comfy.model_detection.detect_unet_config` recognises that family's checkpoints. The host's own
+detection turns it into a config, so every field a newer ComfyUI adds to its parameter
+dataclasses (0.19.3's `FluxParams.txt_ids_dims`, `ChromaParams.vec_in_dim`, ...) is filled as it
+fills it for a real checkpoint; only the widths detection cannot see are then set tiny. Checkpoint
+formats do not change between ComfyUI versions, parameter lists do.
+"""
 import functools
 
 import pytest
@@ -22,50 +30,95 @@ def require_dit_host():
         pytest.skip(reason)
 
 
-# The real models' depths and widths (ComfyUI's model_detection on their checkpoints): Flux.1 [dev]
-# (and Kontext, the same network), Chroma, SD3.5 Large, Qwen-Image. For tests/device/run.py on a GPU.
-REAL_CONFIGS = {
-    "flux": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
-                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
-    "chroma": dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
-                   mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
-                   theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
-                   n_layers=5),
-    "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=38, input_size=None, adm_in_channels=2048,
-                num_patches=36864, pos_embed_max_size=192, qk_norm="rms", pos_embed_scaling_factor=None,
-                x_block_self_attn_layers=[],
-                context_embedder_config={"target": "torch.nn.Linear",
-                                         "params": {"in_features": 4096, "out_features": 2432}}),
-    "qwen": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
-                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
-                 axes_dims_rope=(16, 56, 56)),
+def _blocks(pattern, count, shape):
+    return {pattern.format(i): shape for i in range(count)}
+
+
+def _skeleton(family, size):
+    """{key: shape} of a checkpoint of `family`: the keys detection reads, at the model's widths."""
+    if size == "real":
+        return _real_skeleton(family)
+    full = size == "full"
+    if family == "flux":  # Flux.1 [dev] (guidance embedding; Kontext is the same checkpoint format)
+        hidden, context, pooled = (3072, 4096, 768) if full else (64, CONTEXT_DIM, POOLED_DIM)
+        return {"img_in.weight": (hidden, 16 * 4), "txt_in.weight": (hidden, context),
+                "vector_in.in_layer.weight": (hidden, pooled), "guidance_in.in_layer.weight": (hidden, 256),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (hidden // 24,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (hidden // 24,))}
+    if family == "flux2":  # Flux.2: Flux's class with global modulation, patch 1 on a 128-channel latent
+        return {"img_in.weight": (64, 128), "txt_in.weight": (64, CONTEXT_DIM),
+                "double_stream_modulation_img.lin.weight": (6 * 64, 64),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
+    if family == "chroma":  # no vector_in, no guidance_in: a distilled guidance layer instead
+        return {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM),
+                "distilled_guidance_layer.norms.0.scale": (32,),
+                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
+                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
+    if family == "sd3":  # SD3.5-style: RMS q/k norm, one x-block self-attention layer
+        depth, hidden = 2, 128  # detection reads depth as x_embedder's width / 64
+        return {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 4, hidden),
+                "y_embedder.mlp.0.weight": (hidden, POOLED_DIM), "context_embedder.weight": (hidden, CONTEXT_DIM),
+                "pos_embed": (1, 32 * 32, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+                "joint_blocks.0.x_block.attn2.qkv.weight": (3 * hidden, hidden),
+                **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", depth, (3 * hidden, hidden))}
+    if family == "qwen":  # full: the model class's defaults are Qwen-Image's widths
+        hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
+        return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
+    raise ValueError(f"family must be one of {FAMILIES} or 'flux2' (unsupported), got {family!r}")
+
+
+def _real_skeleton(family):
+    """The real checkpoints' keys and shapes that detection reads: Flux.1 [dev] (19 double + 38
+    single blocks; Kontext's network too), Chroma, SD3.5 Large (38 joint blocks), Qwen-Image (60
+    blocks). For tests/device/run.py on a GPU; the suite checks their parameter counts on the meta
+    device."""
+    flux_blocks = {**_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 19, (128,)),
+                   **_blocks("single_blocks.{}.norm.key_norm.scale", 38, (128,))}
+    if family == "flux":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256), **flux_blocks}
+    if family == "chroma":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "distilled_guidance_layer.norms.0.scale": (5120,), **flux_blocks}
+    if family == "sd3":
+        hidden = 38 * 64
+        return {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 4, hidden),
+                "y_embedder.mlp.0.weight": (hidden, 2048), "context_embedder.weight": (hidden, 4096),
+                "pos_embed": (1, 192 * 192, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+                **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", 38, (3 * hidden, hidden))}
+    if family == "qwen":
+        return {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 60, (6 * 3072, 3072))}
+    raise ValueError(f"no real {family!r} model here; one of {FAMILIES}")
+
+
+# What detection cannot read from the skeleton's few keys (it assumes the full model's head count
+# and RoPE axes): the tiny widths, consistent with the skeleton's.
+_TINY = {
+    "flux": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
+                 context_in_dim=CONTEXT_DIM, vec_in_dim=POOLED_DIM),
+    "flux2": dict(hidden_size=64, num_heads=2, axes_dim=[8, 8, 8, 8], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM),
+    "chroma": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM,
+                   out_dim=64, hidden_dim=32, n_layers=1),
+    "sd3": {},
+    "qwen": dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
+                 axes_dims_rope=(8, 12, 12)),
 }
 
 
-def _configs(size):
-    if size == "real":
-        return REAL_CONFIGS
-    wide = size == "full"
-    flux = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768 if wide else POOLED_DIM,
-                context_in_dim=4096 if wide else CONTEXT_DIM, hidden_size=3072 if wide else 64,
-                mlp_ratio=4.0 if wide else 2.0, num_heads=24 if wide else 2, depth=2, depth_single_blocks=2,
-                axes_dim=[16, 56, 56] if wide else [8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
-                guidance_embed=True)
-    return {
-        "flux": flux,
-        "chroma": dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=CONTEXT_DIM,
-                       hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2,
-                       axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=64,
-                       hidden_dim=32, n_layers=1),
-        "sd3": dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=POOLED_DIM,
-                    pos_embed_max_size=32, qk_norm="rms", x_block_self_attn_layers=[0],
-                    context_embedder_config={"target": "torch.nn.Linear",
-                                             "params": {"in_features": CONTEXT_DIM, "out_features": 128}}),
-        "qwen": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
-                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
-                     axes_dims_rope=(8, 12, 12)),
-    }
+def detected_config(family, size="tiny"):
+    """The host's own detection of the family's checkpoint skeleton (tiny: with the tiny widths set)."""
+    import comfy.model_detection
+
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(family, size).items()}
+    config = comfy.model_detection.detect_unet_config(skeleton, "")
+    if config is None:
+        raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
+    if size == "tiny":
+        config.update(_TINY[family])
+    return config
 
 
 def _init(model, seed):
@@ -81,17 +134,27 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
+def supported_config(family, size="tiny"):
+    """The supported_models config ComfyUI picks for the family's detected config."""
+    import comfy.model_detection
+
+    config = detected_config(family, size)
+    found = comfy.model_detection.model_config_from_unet_config(config)
+    if found is None:
+        raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    return found
+
+
 def build(family, seed=0, size="tiny", on_device=False, dtype=None):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES). size "tiny"
-    (tests), "full" (Flux: full width, 2 + 2 blocks) or "real" (the real model). On the CPU in
-    float32 (or `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its
-    device (host.on_comfy_device)."""
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES), built by the
+    supported_models class ComfyUI picks for the detected config. size "tiny" (tests), "full"
+    (full width, 2 + 2 blocks: benchmarks) or "real" (the real model). On the CPU in float32 (or
+    `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
+    (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
-    import comfy.supported_models as sm
 
-    classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
-    model_config = classes[family](dict(_configs(size)[family]))
+    model_config = supported_config(family, size)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
     if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks

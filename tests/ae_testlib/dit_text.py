@@ -171,8 +171,21 @@ def build_dit_clip(family, seed=0):
             clip = comfy.sd.CLIP(_fork_sd3_target(_fork_sd3()))
         else:
             clip = comfy.sd.CLIP(_clip_target(family), model_options=_model_options(family))
-    host._init_weights(clip.cond_stage_model, seed)
+    _init_every_weight(clip.cond_stage_model, seed)
     return clip
+
+
+def _init_every_weight(module, seed):
+    """ComfyUI allocates weights with torch.empty, i.e. whatever the memory held, and
+    host._init_weights resets only torch's own layer classes: T5's and Qwen's RMS norms are
+    ComfyUI classes, so their scales kept leftover memory (outputs, even NaN, by chance). Set
+    every parameter: norm scales 1, the rest NaN first so _init_weights draws them all."""
+    with torch.no_grad():
+        for sub in module.modules():
+            is_norm = "norm" in type(sub).__name__.lower()
+            for name, param in sub.named_parameters(recurse=False):
+                param.fill_(1.0 if is_norm and name == "weight" else float("nan"))
+    host._init_weights(module, seed)
 
 
 def build_unsupported_clip(seed=0):
@@ -187,5 +200,5 @@ def build_unsupported_clip(seed=0):
     target = sm.StableAudio({"audio_model": "dit1.0"}).clip_target({})
     with torch.no_grad():
         clip = comfy.sd.CLIP(target, model_options={"t5base_model_config": dict(TINY_T5)})
-    host._init_weights(clip.cond_stage_model, seed)
+    _init_every_weight(clip.cond_stage_model, seed)
     return clip

@@ -1,8 +1,8 @@
 """The real ComfyUI host for tests: import it, then build tiny random-weight models from its classes.
 
-Host selection: `COMFYUI_PATH` pointing at a checkout of upstream ComfyUI wins; otherwise the
-`comfy` package installed from PyPI (`comfyui==0.0.1`) is used. The models are ComfyUI's own
-UNet, CLIP and ModelPatcher classes with small widths, so sampling runs on CPU in seconds.
+Host selection: `COMFYUI_PATH` points at an upstream ComfyUI checkout (CI: 0.19.3 and 0.3.64 from
+../shared/hosts). The models are ComfyUI's own UNet, CLIP and ModelPatcher classes with small
+widths, so sampling runs on CPU in seconds.
 """
 import functools
 import importlib
@@ -60,15 +60,8 @@ def import_host():
     import comfy.samplers  # noqa: F401
     import comfy.sd  # noqa: F401
 
-    try:
-        version = importlib.import_module("comfyui_version").__version__
-        kind = "upstream ComfyUI"
-    except ImportError:
-        from importlib.metadata import version as dist_version
-
-        version = dist_version("comfyui")
-        kind = "PyPI comfyui"
-    return f"{kind} {version} at {host_root()}"
+    version = importlib.import_module("comfyui_version").__version__
+    return f"upstream ComfyUI {version} at {host_root()}"
 
 
 def host_root():
@@ -83,11 +76,12 @@ def host_root():
 # so with `@host.requires("flux")` (or `pytestmark = host.requires(...)` for a module). Features
 # are detected by what exists (modules, attributes, files), never by version numbers, and only by
 # existence: a module that exists but fails to import fails its tests instead of skipping them.
-NEWER_HOST = "upstream ComfyUI 0.3.64 (../shared/hosts/comfyui-0.3.64.tar.xz, run with COMFYUI_PATH)"
+NEWER_HOST = "upstream ComfyUI 0.19.3 (../shared/hosts/comfyui-0.19.3.tar.xz, run with COMFYUI_PATH)"
 FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
     #        or "file:PATH" relative to the host root)
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
+    "flux2": ("Flux.2 DiT models", ["comfy.supported_models:Flux2"]),
     "chroma": ("Chroma DiT models with their T5 text encoder",
                ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
     "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",

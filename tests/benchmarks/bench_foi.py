@@ -24,10 +24,8 @@ INSTRUCTION = "put a *hat* on the dog; make the *sky* a sunset"
 
 
 def _dual_cfg_class():
-    try:
-        from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # upstream
-    except ImportError:
-        from comfy_extras.nodes.nodes_custom_sampler import Guider_DualCFG  # PyPI snapshot
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+
     return Guider_DualCFG
 
 

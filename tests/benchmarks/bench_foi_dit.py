@@ -34,17 +34,9 @@ def build_kontext():
 
 
 def build_qwen():
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-
-    config = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
-                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
-                  axes_dims_rope=(16, 56, 56))
-    model = sm.QwenImage(config).get_model({})
-    dit_host._init(model, 0)
-    model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    model = dit_host.build("qwen", size="full")
+    model.model.diffusion_model.transformer_blocks = model.model.diffusion_model.transformer_blocks[:1]
+    return model
 
 
 def _instructions(n_tokens):

@@ -101,7 +101,10 @@ class Run:
             free()
 
     def parity(self):
+        """"ok" when the parity section ran through and every check passed."""
         failed = sorted(name for name, check in self.checks.items() if not check["ok"])
+        if "parity" in self.errors:
+            failed.append("parity section: " + self.errors["parity"])
         return "ok" if self.checks and not failed else "FAIL " + ",".join(failed or ["no checks ran"])
 
 
@@ -380,9 +383,8 @@ def real_architectures_section(run):
         model_config.unet_config.update({key: config[key] for key in ("num_heads", "num_head_channels")})
         counts[family] = model_config.get_model({}, device="meta").diffusion_model
     if not host.missing_reason(dit_host.DIT_FEATURES):
-        classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
-        for family, cls in classes.items():
-            counts[family] = cls(dict(dit_host.REAL_CONFIGS[family])).get_model({}, device="meta").diffusion_model
+        for family in dit_host.FAMILIES:
+            counts[family] = dit_host.supported_config(family, "real").get_model({}, device="meta").diffusion_model
     for family, module in counts.items():
         params = sum(p.numel() for p in module.parameters())
         run.check(f"real_{family}", params == REAL_PARAMS[family],
@@ -409,30 +411,29 @@ def tensors(value, path="out", depth=0):
         yield from tensors(vars(value), path, depth + 1)
 
 
-def on(device, model):
-    """The same weights as `model` (a ModelPatcher) for sampling on `device`: ComfyUI moves them
-    there when it loads the model, as for a user's checkpoint."""
-    import copy
-
+def tiny_models(device, dtype=None):
+    """The suite's tiny models by kind, built afresh for sampling on `device` (ComfyUI moves the
+    weights there when it loads them, as a user's checkpoint). Their seeded init gives the very
+    weights the suite samples with (float32), or the same models computed in `dtype`."""
     import comfy.model_patcher
 
-    return comfy.model_patcher.ModelPatcher(copy.deepcopy(model.model), load_device=device,
-                                            offload_device=torch.device("cpu"))
+    from ae_testlib import dit_host
 
-
-def tiny_models(dtype=None):
-    """The suite's tiny models by kind (float32: the very ones the suite samples with)."""
-    from ae_testlib import dit_host, fixtures
-
-    if dtype is None:
-        models = {"sd15": fixtures.model("sd15"), "ip2p": fixtures.model("sd15", ip2p=True)}
-        if not host.missing_reason(dit_host.DIT_FEATURES):
-            models["flux"] = dit_host.model("flux")
-        return models
     models = {"sd15": host.build_model("sd15", dtype=dtype), "ip2p": host.build_model("sd15", ip2p=True, dtype=dtype)}
     if not host.missing_reason(dit_host.DIT_FEATURES):
         models["flux"] = dit_host.build("flux", dtype=dtype)
-    return models
+    return {kind: comfy.model_patcher.ModelPatcher(model.model, load_device=device, offload_device=torch.device("cpu"))
+            for kind, model in models.items()}
+
+
+def same_weights(first, second):
+    """Whether two models by kind hold bit-identical weights."""
+    def weights(model):
+        return model.model.state_dict().values()
+
+    return all(len(weights(first[kind])) == len(weights(second[kind]))
+               and all(torch.equal(a, b) for a, b in zip(weights(first[kind]), weights(second[kind])))
+               for kind in first)
 
 
 def node_runs(models):
@@ -505,9 +506,11 @@ def parity_section(run):
     import check_cuda
 
     exact = run.device.type == "cpu"
-    reference = tiny_models()
+    reference, models = tiny_models(torch.device("cpu")), tiny_models(run.device)
+    run.check("same_weights", same_weights(reference, models), "the tiny models on the CPU and on "
+              f"{run.device.type} are built with bit-identical weights")
     expected = node_runs(reference)  # the suite's results: these models on the CPU
-    got = node_runs({kind: on(run.device, model) for kind, model in reference.items()})
+    got = node_runs(models)
     for name in expected:
         pairs = list(zip(tensors(expected[name]), tensors(got[name])))
         problems = [f"{path}: {why}" for (path, a), (_, b) in pairs if (why := differs(a, b, exact))]
@@ -525,7 +528,7 @@ def parity_section(run):
     for dtype in (torch.float16, torch.bfloat16):
         name = str(dtype).replace("torch.", "")
         try:
-            outputs = node_runs({kind: on(run.device, model) for kind, model in tiny_models(dtype).items()})
+            outputs = node_runs(tiny_models(run.device, dtype))
         except Exception as error:  # noqa: BLE001 - a node refusing NaN (check_finite) lands here
             run.check(f"no_nan_{name}", False, f"{type(error).__name__}: {error}")
             continue

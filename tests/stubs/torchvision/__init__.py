@@ -1,8 +1,8 @@
 """Minimal stand-in for torchvision, used only by the tests.
 
 PyPI's torchvision wheels are CUDA builds that fail to import next to the CPU torch used here.
-ComfyUI imports torchvision at module level (upstream in comfy.model_patcher and the ACE VAE, the
-PyPI snapshot in comfy.sd), but Stable Diffusion code paths never call it. Every submodule
+ComfyUI imports torchvision at module level (in comfy.model_patcher and the ACE VAE), but Stable
+Diffusion code paths never call it. Every submodule
 imports; calling anything in it is an error.
 """
 import importlib.abc
