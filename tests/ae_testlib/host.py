@@ -223,17 +223,9 @@ def _full_unet_config(family, in_channels, size="tiny"):
     return config
 
 
-def build_model(family="sd15", ip2p=False, seed=0, size="tiny", on_device=False, dtype=None):
-    """A ModelPatcher around a random-weight UNet built by ComfyUI's own model classes.
-
-    size "tiny" (tests) or "full" (benchmarks; SD1.5, SD1.5-IP2P and SDXL). On the CPU in float32
-    (or `dtype`, computed in it), unless on_device: built as ComfyUI loads a checkpoint on its
-    device (`on_comfy_device`).
-    """
+def unet_model_config(family="sd15", ip2p=False, size="tiny"):
+    """The supported_models config (ComfyUI's own class for the family) of a `size` UNet."""
     import_host()
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     classes = {("sd15", False): sm.SD15, ("sd15", True): sm.SD15_instructpix2pix,
@@ -243,6 +235,20 @@ def build_model(family="sd15", ip2p=False, seed=0, size="tiny", on_device=False,
     model_config = classes[(family, ip2p)](config)
     # the family's class adds its own head layout (SD2: 64-channel heads); keep the config's
     model_config.unet_config.update({key: config[key] for key in ("num_heads", "num_head_channels")})
+    return model_config
+
+
+def build_model(family="sd15", ip2p=False, seed=0, size="tiny", on_device=False, dtype=None):
+    """A ModelPatcher around a random-weight UNet built by ComfyUI's own model classes.
+
+    size "tiny" (tests) or "full" (benchmarks; SD1.5, SD1.5-IP2P and SDXL). On the CPU in float32
+    (or `dtype`, computed in it), unless on_device: built as ComfyUI loads a checkpoint on its
+    device (`on_comfy_device`).
+    """
+    import comfy.model_base
+    import comfy.model_patcher
+
+    model_config = unet_model_config(family, ip2p, size)
     if on_device:
         return on_comfy_device(model_config, lambda model: _init_weights(model, seed), dtype)
     if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks: computed in that dtype
