@@ -157,11 +157,13 @@ def compare(run, name, variants, baseline, what, repeats):
         return go
 
     timed = {label: measured(label, fn) for label, fn in variants.items()}
-    warm = None if run.smoke else {}
-    for label, go in timed.items() if warm is not None else ():
-        with torch.inference_mode():
-            go()
-        warm[label] = results[label]
+    warm = None
+    if not run.smoke:
+        warm = {}
+        for label, go in timed.items():
+            with torch.inference_mode():
+                go()
+            warm[label] = results[label]
     medians, _ = interleaved(timed, repeats)
     (method,) = [label for label in variants if label != baseline]
     run.figure(f"{name}_base_s", medians[baseline], f"{baseline}, median of {repeats}, s")
@@ -459,16 +461,15 @@ def node_runs(models):
     from ae_testlib.pack import pack_module
 
     outputs = {}
-    runs = [("record", "AttentionEditKSamplerRecord", "sd15", {}),
-            ("instdiffedit", "AttentionEditInstDiffEdit", "sd15", {}),
-            ("foi", "AttentionEditFoISampler", "ip2p", {}),
-            ("inversion", "AttentionEditInversion", "sd15", {})]
-    for name, key, kind, changes in runs:
-        outputs[name] = nc.call(key, **nc.inputs(key, model=models[kind], **changes))
+    for name, key, kind in (("record", "AttentionEditKSamplerRecord", "sd15"),
+                            ("instdiffedit", "AttentionEditInstDiffEdit", "sd15"),
+                            ("foi", "AttentionEditFoISampler", "ip2p"),
+                            ("inversion", "AttentionEditInversion", "sd15")):
+        outputs[name] = nc.call(key, **nc.inputs(key, model=models[kind]))
     outputs["ksampler"] = plain_ksampler(nc.record_inputs(model=models["sd15"]))
     outputs["mag_edit"] = nc.call("AttentionEditMAGEdit", **nc.inputs(
         "AttentionEditMAGEdit", model=models["sd15"], inversion=outputs["inversion"][0]))
-    if "flux" in models:
+    if "flux" in models:  # the DiT paths: joint-attention recording, InstDiffEdit, FoI on Kontext
         flux = models["flux"]
         tokens = pack_module("attention.tokens").prompt_tokens(dit_text.build_dit_clip("flux"), nc.TARGET)
         positive = dit_host.conditioning(tokens.n_tokens, 1, tokens=tokens)
