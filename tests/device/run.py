@@ -581,7 +581,7 @@ def parity_section(run):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="device_figures.json", help="JSON file for every figure")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, seconds")
+    parser.add_argument("--cpu-smoke", action="store_true", help="the suite's tiny models on the CPU (~30 s of CPU time)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="wall-clock budget: the extra DiT families run only while it lasts")
     parser.add_argument("--only", default="", help="comma-separated sections: parity, sd15, foi, sdxl, "
