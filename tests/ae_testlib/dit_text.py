@@ -14,11 +14,8 @@ real one; channels tiny):
               T5's 4096, then T5 along the sequence), pooled [1, 80]
   qwen_image  Qwen2.5-VL [1, n, 32] (template prefix stripped by ComfyUI); a tiny vision tower
               (2 blocks, width 32) so Qwen-Image-Edit's reference image encodes on CPU
-The PyPI host (comfyui==0.0.1) has SD3's encoders only (comfy.sd3_clip, no `model_options`): "sd3"
-is built there from its classes with tiny parts; the other families skip there with the reason.
 """
 import functools
-import inspect
 
 import torch
 
@@ -34,16 +31,6 @@ TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, 
 FAMILIES = ("flux", "sd3", "chroma", "qwen_image")
 
 
-def _fork_sd3():
-    """The PyPI fork keeps SD3's encoders in comfy.sd3_clip (no model_options): None elsewhere."""
-    try:
-        import comfy.sd
-        import comfy.sd3_clip
-    except ImportError:
-        return None
-    return None if "model_options" in inspect.signature(comfy.sd.CLIP).parameters else comfy.sd3_clip
-
-
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
              "stable_audio": "stable_audio"}
@@ -51,9 +38,7 @@ _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qw
 
 def skip_reason(family):
     """Why this host cannot build the family's text encoder (None when it can): the host's one
-    skip reason (ae_testlib.host), except SD3, whose encoders the PyPI fork has too."""
-    if family == "sd3" and _fork_sd3() is not None:
-        return None
+    skip reason (ae_testlib.host)."""
     return host.missing_reason((_FEATURES[family],))
 
 
@@ -119,35 +104,6 @@ def _tiny_vision_qwen_te(te_class):
     return TinyQwenImageTE
 
 
-def _fork_sd3_target(sd3_clip):
-    """The PyPI fork's SD3Tokenizer and SD3ClipModel with tiny parts (its CLIP takes no
-    model_options): SD3ClipModel's structure, each part built from the fork's own classes."""
-    import json
-    import pathlib
-
-    import comfy.sdxl_clip
-    import comfy.supported_models_base
-    import comfy.t5
-    from comfy import sd1_clip
-
-    t5_config = json.loads((pathlib.Path(sd3_clip.__file__).parent / "t5_config_xxl.json").read_text())
-    t5_config.update(TINY_T5, d_model=4096)
-
-    class TinySD3Clip(sd3_clip.SD3ClipModel):
-        def __init__(self, device="cpu", dtype=None, **_):
-            torch.nn.Module.__init__(self)
-            self.clip_l = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
-                                               layer_norm_hidden_state=False, return_projected_pooled=False,
-                                               textmodel_json_config=dict(TINY_CLIP_L))
-            self.clip_g = comfy.sdxl_clip.SDXLClipG(device=device, dtype=dtype,
-                                                    textmodel_json_config=dict(TINY_CLIP_G))
-            self.t5xxl = sd1_clip.SDClipModel(device=device, dtype=dtype, textmodel_json_config=t5_config,
-                                              special_tokens={"end": 1, "pad": 0}, model_class=comfy.t5.T5)
-            self.dtypes = {dtype}
-
-    return comfy.supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, TinySD3Clip)
-
-
 def _model_options(family):
     width = {"sd3": {**TINY_T5, "d_model": 4096}}.get(family, TINY_T5)  # SD3 joins CLIP and T5 at 4096
     return {"t5xxl_model_config": width, "clip_l_model_config": dict(TINY_CLIP_L),
@@ -167,10 +123,7 @@ def build_dit_clip(family, seed=0):
     import comfy.sd
 
     with torch.no_grad():  # ComfyUI builds text encoders outside autograd
-        if family == "sd3" and _fork_sd3() is not None:
-            clip = comfy.sd.CLIP(_fork_sd3_target(_fork_sd3()))
-        else:
-            clip = comfy.sd.CLIP(_clip_target(family), model_options=_model_options(family))
+        clip = comfy.sd.CLIP(_clip_target(family), model_options=_model_options(family))
     _init_every_weight(clip.cond_stage_model, seed)
     return clip
 

@@ -9,6 +9,7 @@ Files are cached between runs on one machine, keyed by GENERATOR_VERSION (bump i
 changes); a missing file is rebuilt. New workflows (e.g. DiT models) join by adding a builder to
 BUILDERS under the file name their loader node names.
 """
+import inspect
 import os
 import pathlib
 import re
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: checkpoints hold the UNet on ComfyUI 0.19.3 too
 CACHE = pathlib.Path(os.environ.get("ATTENTION_EDIT_E2E_CACHE",
                                     pathlib.Path.home() / ".cache" / "attention-edit" / "e2e"))
 DTYPE = torch.float16
@@ -74,12 +75,23 @@ def _sd15_clip_vae_state_dicts():
     return clip.state_dict(), vae.state_dict()
 
 
+def _for_saving(model, clip_sd, vae_sd):
+    """One checkpoint state dict in the standard key layout. ComfyUI 0.3.x's state_dict_for_saving
+    reads the UNet's weights itself; newer ones (0.19.3) take them as their first argument."""
+    params = inspect.signature(model.state_dict_for_saving).parameters
+    unet = (model.diffusion_model.state_dict(),) if "unet_state_dict" in params else ()
+    state_dict = model.state_dict_for_saving(*unet, clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    if not any(key.startswith("model.diffusion_model.") for key in state_dict):
+        raise RuntimeError("the generated checkpoint has no UNet weights (model.diffusion_model.*)")
+    return state_dict
+
+
 def sd15_checkpoint(in_channels):
     """SD1.5 (4 input channels), SD1.5 inpainting (9) or InstructPix2Pix (8): UNet, CLIP-L, VAE."""
     def build(path):
         config, model = _sd15_unet(in_channels)
         clip_sd, vae_sd = _sd15_clip_vae_state_dicts()
-        state_dict = _checked(model.state_dict_for_saving(clip_sd, vae_sd), path.name)
+        state_dict = _checked(_for_saving(model, clip_sd, vae_sd), path.name)
         del model
         save(state_dict, path)
     return build
@@ -179,6 +191,21 @@ def not_runnable(workflow):
     """Why a UI workflow cannot run on this machine (None when it can)."""
     large = sorted(TOO_LARGE[name] for name in files_named(workflow) if name in TOO_LARGE)
     return f"needs {' and '.join(large)}" if large else None
+
+
+# Where a loader node may list a placeholder from (ComfyUI's model folders, by the loaders' inputs).
+PLACEHOLDER_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "clip_vision", "loras", "controlnet")
+
+
+def install_placeholders(names, base_directory):
+    """Empty files under the model names a not-runnable workflow uses, in every model folder a
+    loader may list them from: enough for the server's prompt validation (POST /prompt checks that
+    each file name is in its loader's list), which is all such a workflow gets here."""
+    for name in sorted(names):
+        for folder in PLACEHOLDER_FOLDERS:
+            target = pathlib.Path(base_directory) / "models" / folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
 
 
 def files_named(workflow):
