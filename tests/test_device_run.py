@@ -53,7 +53,8 @@ def test_cpu_smoke_run(tmp_path):
     assert checks and all(check["ok"] for check in checks.values()), checks
     expected_checks = ["node_record", "node_instdiffedit", "node_foi", "node_inversion", "node_mag_edit",
                        "no_nan_float16", "no_nan_bfloat16", "pure_tensor", "record_identical_tiny",
-                       "record_sd15_identical", "record_sdxl_identical", "real_sd15", "real_sdxl"]
+                       "record_sd15_identical", "record_sdxl_identical", "real_sd15", "real_sdxl", "detected_sd15",
+                       "detected_sdxl", "same_weights"]
     if dit:
         expected_checks += ["node_record_flux", "node_instdiffedit_flux", "node_foi_dit",
                             "record_flux_identical_tiny", "record_flux_identical", "real_flux", "real_qwen"]

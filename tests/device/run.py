@@ -392,10 +392,20 @@ def extra_dit_section(run, family):
 def real_architectures_section(run):
     """The GPU run's models must be the real ones: parameter counts of the real checkpoints (built on
     the meta device: no memory, no time)."""
+    import comfy.model_detection
+
     from ae_testlib import dit_host
 
-    counts = {family: host.unet_model_config(family, size="full").get_model({}, device="meta").diffusion_model
-              for family in ("sd15", "sdxl")}
+    counts = {}
+    for family in ("sd15", "sdxl"):  # hand-written configs: also what ComfyUI detects from their weights
+        model_config = host.unet_model_config(family, size="full")
+        counts[family] = model_config.get_model({}, device="meta").diffusion_model
+        prefix = "model.diffusion_model."
+        detected = comfy.model_detection.detect_unet_config(
+            {prefix + key: value for key, value in counts[family].state_dict().items()}, prefix)
+        differs = {key: value for key, value in detected.items() if model_config.unet_config.get(key) != value}
+        run.check(f"detected_{family}", not differs, "ComfyUI's detection reads this very config from the "
+                  "weights" if not differs else f"detection differs: {differs}")
     if not host.missing_reason(dit_host.DIT_FEATURES):
         for family in dit_host.FAMILIES:
             counts[family] = dit_host.supported_config(family, "real").get_model({}, device="meta").diffusion_model
