@@ -36,6 +36,8 @@ def _blocks(pattern, count, shape):
 
 def _skeleton(family, size):
     """{key: shape} of a checkpoint of `family`: the keys detection reads, at the model's widths."""
+    if size == "real":
+        return _real_skeleton(family)
     full = size == "full"
     if family == "flux":  # Flux.1 [dev] (guidance embedding; Kontext is the same checkpoint format)
         hidden, context, pooled = (3072, 4096, 768) if full else (64, CONTEXT_DIM, POOLED_DIM)
@@ -60,6 +62,31 @@ def _skeleton(family, size):
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def _real_skeleton(family):
+    """The real checkpoints' keys and shapes that detection reads: Flux.1 [dev] (19 double + 38
+    single blocks; Kontext's network too), Chroma, SD3.5 Large (38 joint blocks), Qwen-Image (60
+    blocks). For tests/device/run.py on a GPU; the suite checks their parameter counts on the meta
+    device."""
+    flux_blocks = {**_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 19, (128,)),
+                   **_blocks("single_blocks.{}.norm.key_norm.scale", 38, (128,))}
+    if family == "flux":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256), **flux_blocks}
+    if family == "chroma":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "distilled_guidance_layer.norms.0.scale": (5120,), **flux_blocks}
+    if family == "sd3":
+        hidden = 38 * 64
+        return {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 4, hidden),
+                "y_embedder.mlp.0.weight": (hidden, 2048), "context_embedder.weight": (hidden, 4096),
+                "pos_embed": (1, 192 * 192, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+                **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", 38, (3 * hidden, hidden))}
+    if family == "qwen":
+        return {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 60, (6 * 3072, 3072))}
+    raise ValueError(f"no real {family!r} model here; one of {FAMILIES}")
 
 
 # What detection cannot read from the skeleton's few keys (it assumes the full model's head count
@@ -104,7 +131,7 @@ def detected_config(family, size="tiny", variant=None):
     config = comfy.model_detection.detect_unet_config(skeleton, "")
     if config is None:
         raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
-    if size != "full":
+    if size == "tiny":
         config.update(_TINY[family])
         config.update(widths)
     return config
@@ -130,17 +157,32 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny", variant=None):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
-    VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config."""
-    require_dit_host()
+def supported_config(family, size="tiny", variant=None):
+    """The supported_models config ComfyUI picks for the family's detected config."""
     import comfy.model_detection
-    import comfy.model_patcher
 
     config = detected_config(family, size, variant)
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    if model_config is None:
+    found = comfy.model_detection.model_config_from_unet_config(config)
+    if found is None:
         raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    return found
+
+
+def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
+    VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config.
+    size "tiny" (tests), "full" (full width, 2 + 2 blocks: benchmarks) or "real" (the real
+    model). On the CPU in float32 (or
+    `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
+    (host.on_comfy_device)."""
+    require_dit_host()
+    import comfy.model_patcher
+
+    model_config = supported_config(family, size, variant)
+    if on_device:
+        return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
+    if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks
+        model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     _init(model, seed)
     model.eval()
