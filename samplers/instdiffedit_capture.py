@@ -10,10 +10,11 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 - DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
   attention's image -> text rows of the late double / joint blocks (dit_families.default_blocks,
   the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
-  *end tokens*: CLIP's start token where the encoder has one (SD3's CLIP part), else the tokens
-  after the prompt that belong to no word (T5's </s> and padding on Flux, Qwen's closing
-  template). Like CLIP's start token they carry no word and collect the attention the words
-  leave, so 1 - their map marks the foreground. The maps are enlarged 4x as the official code
+  tokens that belong to **no word**: T5's </s> and padding (Flux), Qwen's closing template, and
+  on SD3 CLIP's start, end and padding tokens with T5's end and padding. Like CLIP's start
+  token they carry no word and collect the attention the words leave, so 1 - their map marks
+  the foreground; averaged over many tokens, one token's noise does not pick the word (SD3's
+  single start-token column did: docs/instdiffedit.md measures both). The maps are enlarged 4x as the official code
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
   edited when at least half of its 2 x 2 mask pixels are.
 """
@@ -28,7 +29,6 @@ from ..masks.foi import resize_mask
 UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
 DIT_LEVEL = 1  # every supported DiT attends at its token grid, latent / 2
-START_TOKEN = "<start>"
 
 
 def word_groups(tokens, input_name="positive"):
@@ -101,17 +101,15 @@ class DiTCapture(UNetCapture):
 
 
 def start_columns(tokens):
-    """The end tokens that stand in for CLIP's start token (see the module docstring)."""
-    starts = [i for i, string in enumerate(tokens.token_strings) if string == START_TOKEN]
-    if starts:
-        return starts[:1]
+    """The tokens that stand in for CLIP's start token: every token of the context that belongs
+    to no word (see the module docstring). One start token's map is noisy; their mean is not."""
     worded = {p for word in tokens.words for p in word.positions}
-    after = [i for i in range(max(worded) + 1, tokens.n_tokens) if i not in worded]
-    if not after:
+    free = [i for i in range(tokens.n_tokens) if i not in worded]
+    if not free:
         raise ValueError(
-            f"the prompt \"{tokens.text[:60]}\" fills the whole token axis: InstDiffEdit needs the "
-            "text encoder's end token after it. Shorten the prompt.")
-    return after
+            f"the prompt \"{tokens.text[:60]}\" fills the whole token axis: InstDiffEdit needs tokens "
+            "that belong to no word (the text encoder's end or padding tokens). Shorten the prompt.")
+    return free
 
 
 # Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start

@@ -58,14 +58,34 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES)."""
+# the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
+REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
+              "qwen": {"num_layers": 60}}
+
+
+def _text_widths(family, config, context_dim, pooled_dim):
+    """Set the widths of the conditioning the model takes (a real text encoder's, e.g. SD3's 4096)."""
+    if context_dim is not None:
+        if family == "sd3":
+            config["context_embedder_config"] = {
+                "target": "torch.nn.Linear", "params": {"in_features": context_dim, "out_features": 128}}
+        else:
+            config[{"qwen": "joint_attention_dim"}.get(family, "context_in_dim")] = context_dim
+    if pooled_dim is not None:
+        config[{"sd3": "adm_in_channels"}.get(family, "vec_in_dim")] = pooled_dim
+    return config
+
+
+def build(family, seed=0, size="tiny", real_depth=False, context_dim=None, pooled_dim=None):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES); `real_depth` gives
+    it the released model's block count (REAL_DEPTH) at the same tiny width."""
     require_dit_host()
     import comfy.model_patcher
     import comfy.supported_models as sm
 
     classes = {"flux": sm.Flux, "chroma": sm.Chroma, "sd3": sm.SD3, "qwen": sm.QwenImage}
-    model = classes[family](_configs(size)[family]).get_model({})
+    config = dict(_configs(size)[family], **(REAL_DEPTH.get(family, {}) if real_depth else {}))
+    model = classes[family](_text_widths(family, config, context_dim, pooled_dim)).get_model({})
     _init(model, seed)
     model.eval()
     cpu = torch.device("cpu")
