@@ -18,6 +18,8 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
   edited when at least half of its 2 x 2 mask pixels are.
 """
+import logging
+
 import torch
 
 from ..attention.dit_families import family_of
@@ -25,6 +27,8 @@ from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm
 from ..masks.foi import resize_mask
+
+log = logging.getLogger("attention_edit")
 
 UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
@@ -79,9 +83,11 @@ class DiTCapture(UNetCapture):
 
     level = DIT_LEVEL
 
-    def __init__(self, tokens, input_name="positive"):
+    def __init__(self, tokens, input_name="positive", family_name=None):
         super().__init__(tokens, input_name)
         self.start_columns = start_columns(tokens)
+        if family_name in PADDED_DITS:
+            warn_if_padding_runs_short(tokens, self.start_columns)
 
     @staticmethod
     def recorder(n_tokens):
@@ -112,6 +118,26 @@ def start_columns(tokens):
     return free
 
 
+# Families whose prompt is padded to a fixed length (Flux's T5 to 256 tokens, SD3's parts to 77),
+# so a longer prompt leaves fewer end / padding tokens for the start map. Measured on Flux
+# (docs/instdiffedit.md, "Long prompts"): the word pick holds while those tokens outnumber the
+# prompt's word tokens (85 words: 164 vs 92) and fails at +4 logits once they do not (125 words:
+# 122 vs 134, IoU 0.01). The start map's share of the attention then varies from pixel to pixel
+# with how much the words as a whole take, which one word's region no longer outweighs.
+PADDED_DITS = ("Flux", "SD3")
+
+
+def warn_if_padding_runs_short(tokens, start):
+    worded = sum(len(word.positions) for word in tokens.words)
+    if len(start) < worded:
+        log.warning(
+            "InstDiffEdit: the target prompt takes %d of the %d text tokens, leaving %d end / padding "
+            "tokens for the start map; with fewer of those than word tokens the object word was often "
+            "missed (the mask then covers the rest of the image, docs/instdiffedit.md 'Long prompts'). "
+            "Describe the edited image in fewer words (about 100 or fewer on Flux).",
+            worded, tokens.n_tokens, len(start))
+
+
 # Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
 # map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
 UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
@@ -122,7 +148,7 @@ def _dit_capture(family_name, tokens, input_name):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
                         "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name)
+    return DiTCapture(tokens, input_name, family_name)
 
 
 def capture_for(model, tokens):

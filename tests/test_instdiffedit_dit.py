@@ -161,6 +161,30 @@ def test_sd3_noisy_attention_still_finds_the_word(seed, mode, beta):
         assert dit_plant.iou(result.mask[image], expected[image]) >= 0.7
 
 
+def long_prompt(words):
+    filler = "with some more words about the weather on a quiet day in the old town and".split()
+    return " ".join(PROMPT.split() + (filler * 20)[:words - len(PROMPT.split())])
+
+
+def test_long_flux_prompt_warns_that_the_start_map_runs_short(caplog):
+    """Issue 21, item 3: Flux pads its T5 prompt to 256 tokens; a long target prompt leaves fewer
+    end / padding tokens than word tokens (125 words: 122 vs 134), where the word pick was
+    measured to fail (docs/instdiffedit.md, "Long prompts"). That is said, with the counts;
+    85 words (164 vs 92) and Qwen-Image's short prompt (its 5 template tokens are not padding)
+    stay quiet."""
+    dit_text.require_dit_clip("flux")
+    clip = dit_text.build_dit_clip("flux")
+    with caplog.at_level("WARNING"):
+        capture_mod.capture_for(dit_host.model("flux"), tokens_mod.prompt_tokens(clip, long_prompt(85)))
+        assert "InstDiffEdit" not in caplog.text
+        capture_mod.capture_for(dit_host.model("qwen"), tokens_mod.prompt_tokens(
+            dit_text.build_dit_clip("qwen_image"), PROMPT))
+        assert "InstDiffEdit" not in caplog.text
+        capture_mod.capture_for(dit_host.model("flux"), tokens_mod.prompt_tokens(clip, long_prompt(125)))
+    assert "takes 134 of the 256 text tokens, leaving 122 end / padding tokens" in caplog.text
+    assert "fewer words" in caplog.text
+
+
 def _expected_background(model, latent, seed, sigma):
     import comfy.sample
 
