@@ -111,13 +111,16 @@ def main():
                     for image in range(2):
                         row.append((int(result.index[image]) == cat,
                                     dit_plant.iou(result.mask[image], expected[image])))
-        print(f"seed {seed} done", flush=True)
-    n = 2 * args.seeds
-    print(f"| planting | noise | beta | start map | word | IoU min / mean |")
+        print(f"seeds 0-{seed}:", flush=True)
+        report(results, 2 * (seed + 1))
+
+
+def report(results, n):
+    print("| planting | noise | beta | start map | word | IoU min / mean |")
     for (mode, noise, beta, name), row in sorted(results.items()):
         ious = [iou for _, iou in row]
         print(f"| {mode} | {noise:g} | {beta:g} | {name} | {sum(w for w, _ in row)}/{n} | "
-              f"{min(ious):.2f} / {statistics.mean(ious):.2f} |")
+              f"{min(ious):.2f} / {statistics.mean(ious):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
