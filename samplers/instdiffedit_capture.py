@@ -121,7 +121,7 @@ def start_columns(tokens):
 # Families whose prompt is padded to a fixed length (Flux's T5 to 256 tokens, SD3's parts to 77),
 # so a longer prompt leaves fewer end / padding tokens for the start map. Measured on Flux
 # (docs/instdiffedit.md, "Long prompts"): the word pick holds while those tokens outnumber the
-# prompt's word tokens (85 words: 164 vs 92) and fails at +4 logits once they do not (125 words:
+# prompt's word tokens (115 words: 132 vs 124) and fails at +4 logits once they do not (125 words:
 # 122 vs 134, IoU 0.01). The start map's share of the attention then varies from pixel to pixel
 # with how much the words as a whole take, which one word's region no longer outweighs.
 PADDED_DITS = ("Flux", "SD3")
@@ -134,7 +134,7 @@ def warn_if_padding_runs_short(tokens, start):
             "InstDiffEdit: the target prompt takes %d of the %d text tokens, leaving %d end / padding "
             "tokens for the start map; with fewer of those than word tokens the object word was often "
             "missed (the mask then covers the rest of the image, docs/instdiffedit.md 'Long prompts'). "
-            "Describe the edited image in fewer words (about 100 or fewer on Flux).",
+            "Describe the edited image in fewer words (on Flux it held up to about 115 words).",
             worded, tokens.n_tokens, len(start))
 
 
