@@ -2,7 +2,7 @@
 import torch
 
 from ..attention.tokens import split_words
-from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, word_mask
+from ..masks.attention_mask import COMBINE_MODES, DEFAULT_BLUR, DEFAULT_THRESHOLD, heatmap_overlay, word_mask
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..samplers.record import sample_recording
@@ -69,7 +69,8 @@ class AttentionHeatmap:
             raise ValueError(f"image has {image.shape[0]} images but the attention maps have {batch}; "
                              "connect the images the maps were recorded for")
         image = image.expand(batch, *image.shape[1:]) if image.shape[0] == 1 else image
-        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity), word)
+        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity,
+                                                   attention_maps.covered), word)
                     for word in _words_or_all(attention_maps, words)]
         return (torch.cat(overlays).to(image.dtype),)
 
@@ -81,9 +82,11 @@ class AttentionMask:
             "attention_maps": ("ATTENTION_MAPS",),
             "words": ("STRING", {"default": "", "tooltip":
                       "Comma-separated words or phrases of the prompt whose region you want."}),
-            "blur": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
-                     "Gaussian blur of the maps, in attention-map pixels, before thresholding."}),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "blur": ("FLOAT", {"default": DEFAULT_BLUR, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
+                     "Gaussian blur of the maps (sigma, in attention-map pixels) before thresholding. "
+                     "0.5 keeps regions of 2x2 map cells and up; raise it (1-2) for noisy maps of large "
+                     "regions (docs/recording.md measures both)."}),
+            "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Binary mask at this fraction of each map's range; 0 gives the soft map."}),
             "combine": (list(COMBINE_MODES), {"default": "union"}),
         }}
@@ -98,7 +101,8 @@ class AttentionMask:
         if not chosen:
             raise ValueError("type at least one word of the prompt in 'words'")
         height, width = (LATENT_TO_IMAGE * s for s in attention_maps.latent_hw)
-        masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
+        masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold,
+                                       attention_maps.covered)
                              for word in chosen])
         return (combine_masks(masks, combine).cpu(),)  # like core MASKs, off the sampling device
 

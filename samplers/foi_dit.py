@@ -31,6 +31,7 @@ import torch
 from ..attention.dit_families import dit_family
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
+from ..masks.foi import DIT_MASK_UPSAMPLE
 from ..masks.validate import check_number
 from .common import (check_latent, check_sampling, initial_noise, latent_broadcast, latent_samples,
                      output_latent, progress_callback, progress_disabled, schedule)
@@ -74,7 +75,7 @@ class FoIDiTConfig:
     tau: float = 0.5
     kernel_size: int = 3
     sigma: float = 0.5
-    mask_upsample: int = 4  # Eq. 2 on the token map upsampled this many times (masks.foi.dit_keyword_masks)
+    mask_upsample: int = DIT_MASK_UPSAMPLE  # Eq. 2 on the token map upsampled this many times (dit_keyword_masks)
     modulation: bool = True
     alphas: list = field(default_factory=list)
     disentangle_fraction: float = 0.75

@@ -157,28 +157,50 @@ def _init(model, seed):
     host._init_weights(model, seed)
 
 
-def supported_config(family, size="tiny", variant=None):
-    """The supported_models config ComfyUI picks for the family's detected config."""
+# the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
+REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
+              "qwen": {"num_layers": 60}}
+
+
+def _text_widths(family, config, context_dim, pooled_dim):
+    """Set the widths of the conditioning the model takes (a real text encoder's, e.g. SD3's 4096)."""
+    if context_dim is not None:
+        if family == "sd3":
+            config["context_embedder_config"] = {
+                "target": "torch.nn.Linear", "params": {"in_features": context_dim, "out_features": 128}}
+        else:
+            config[{"qwen": "joint_attention_dim"}.get(family, "context_in_dim")] = context_dim
+    if pooled_dim is not None:
+        config[{"sd3": "adm_in_channels"}.get(family, "vec_in_dim")] = pooled_dim
+    return config
+
+
+def supported_config(family, size="tiny", variant=None, overrides=None):
+    """The supported_models config ComfyUI picks for the family's detected config (with
+    `overrides` set after detection: block counts, text widths)."""
     import comfy.model_detection
 
-    config = detected_config(family, size, variant)
+    config = {**detected_config(family, size, variant), **(overrides or {})}
     found = comfy.model_detection.model_config_from_unet_config(config)
     if found is None:
         raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
     return found
 
 
-def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None):
+def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None, real_depth=False,
+          context_dim=None, pooled_dim=None):
     """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
     VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config.
     size "tiny" (tests), "full" (full width, 2 + 2 blocks: benchmarks) or "real" (the real
-    model). On the CPU in float32 (or
+    model); `real_depth` gives a tiny model the released model's block count (REAL_DEPTH),
+    `context_dim` / `pooled_dim` a real text encoder's widths. On the CPU in float32 (or
     `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
     (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
 
-    model_config = supported_config(family, size, variant)
+    overrides = _text_widths(family, dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
+    model_config = supported_config(family, size, variant, overrides)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
     if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks
