@@ -19,8 +19,8 @@ dit_recorder = pack_module("attention.dit_recorder")
 foi_dit = pack_module("samplers.foi_dit")
 families = pack_module("attention.dit_families")
 
-N_TOKENS = 7
-ALL = {"flux": "double all, single all", "chroma": "double all, single all", "qwen": "all"}
+N_TOKENS = rec.N_TOKENS
+ALL = rec.ALL_BLOCKS
 
 
 @pytest.fixture(autouse=True)
