@@ -67,8 +67,8 @@ def family_of(model_patcher):
     diffusion_model = model_patcher.model.diffusion_model
     kind = type(diffusion_model)
     family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
-    if family is not None and tuple(_as_tuple(getattr(diffusion_model, "patch_size", family.patch))) != _as_tuple(family.patch):
-        return None  # another token layout in a known class: Flux.2 runs in Flux's class with patch 1
+    if family is not None and _as_tuple(getattr(diffusion_model, "patch_size", family.patch)) != _as_tuple(family.patch):
+        return None  # another token layout in a known class: Flux.2 (0.3.72+) runs in Flux's class, patch 1
     return family
 
 
@@ -83,15 +83,28 @@ OLDEST_DIT_HOST = "0.3.64"
 def require_family(model_patcher):
     family = family_of(model_patcher)
     if family is None:
-        name = type(model_patcher.model.diffusion_model).__name__
-        variant = getattr(getattr(model_patcher.model, "model_config", None), "unet_config", {}).get("image_model")
-        name = f"{name}, {variant}" if variant else name
+        diffusion_model = model_patcher.model.diffusion_model
+        kind = type(diffusion_model)
+        if f"{kind.__module__}.{kind.__qualname__}" in FAMILIES:  # family_of saw another token layout
+            raise TypeError(
+                "attention recording, InstDiffEdit and FoI do not support this model yet: this is Flux.2 (or "
+                f"another model in {kind.__name__}'s class with patch size {diffusion_model.patch_size}; the "
+                f"pack reads patch-{PATCH} token grids). They support SD1.x, SD2.x and SDXL UNets and the DiT "
+                f"models {SUPPORTED}.")
         raise TypeError(
-            f"attention recording does not support this model ({name}); it supports SD1.x, SD2.x and "
+            f"attention recording does not support this model ({kind.__name__}); it supports SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."
         )
     require_attention_override()
     return family
+
+
+def dit_family(model_patcher):
+    """None for a UNet (SD1.x, SD2.x, SDXL), the Family of a supported DiT, a clear error for any
+    other model (Flux.2 included): what the methods branch on."""
+    if hasattr(model_patcher.model.diffusion_model, "input_blocks"):
+        return None
+    return require_family(model_patcher)
 
 
 def require_attention_override():
@@ -174,6 +187,11 @@ def token_grid(latent_hw):
 
 def layout_of(x, context, diffusion_model):
     """The token layout of one forward, from the APPLY_MODEL inputs (noisy latent, context)."""
+    if x.ndim == 5 and x.shape[2] > 1:
+        raise TypeError(
+            f"this latent has {x.shape[2]} frames (Qwen-Image Layered in newer ComfyUI, or a video "
+            "latent): attention recording, InstDiffEdit and FoI read one image's token grid and do not "
+            "support multi-frame latents yet. Use a one-image latent (EmptySD3LatentImage / VAE Encode).")
     height, width = token_grid(x.shape[-2:])
     registers = getattr(diffusion_model, "register_length", 0)
     return Layout(registers, registers + context.shape[1], height * width)

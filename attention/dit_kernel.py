@@ -49,6 +49,10 @@ def heads_first(call):
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         while mask.ndim < 4:
             mask = mask.unsqueeze(0) if mask.ndim == 2 else mask.unsqueeze(1)
+        if mask.shape[2] == 1 and q.shape[2] > 1:
+            # one row for every query (Qwen-Image's text-padding mask [B, 1, L], ComfyUI >= 0.11):
+            # a view with a row per query, so the hooks can take the image queries' rows
+            mask = mask.expand(*mask.shape[:2], q.shape[2], mask.shape[3])
     return q, k, v, mask
 
 

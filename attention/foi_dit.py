@@ -23,13 +23,13 @@ import logging
 
 import torch
 
-from ..masks.foi import dit_keyword_masks, token_masks_to_latent, token_region_mask
+from ..masks.foi import DIT_MASK_UPSAMPLE, dit_keyword_masks, token_masks_to_latent, token_region_mask
 from ..masks.validate import check_finite
 from .dit_families import PATCH, layout_of, parse_blocks, require_family, token_grid
 from .dit_kernel import bind_attention_args, heads_first, sdpa_runs_cpu_flash, text_probabilities
 from .dit_recorder import tag_blocks
 from .foi_modulation import modulate_scores, token_alpha
-from .foi_patch import warn_empty_masks
+from .foi_patch import DIT_EMPTY_HINT, warn_empty_masks
 from .layers import ChainedPatch
 
 INSTRUCTION_FIRST = {"instruction": 0, "null": 1, "neither": 2}  # contexts of one length (batched)
@@ -171,13 +171,13 @@ class FoIDiTState:
         maps = torch.stack([mean[..., list(pos)].mean(-1) for pos in self.instructions.keyword_positions], 1)
         return maps.reshape(maps.shape[0], maps.shape[1], *self.grid)
 
-    def finish_extraction(self, gamma=3, tau=0.5, kernel_size=3, sigma=0.5, upsample=4):
+    def finish_extraction(self, gamma=3, tau=0.5, kernel_size=3, sigma=0.5, upsample=DIT_MASK_UPSAMPLE):
         maps = self.keyword_maps()
         check_finite(maps, "FoI's keyword attention at the first step")
         self.masks, self.soft_maps = dit_keyword_masks(maps, tau, gamma, kernel_size, sigma, upsample)
         self.prob_sum = None
         self.phase = "edit"
-        warn_empty_masks(self.instructions.keywords, self.masks)
+        warn_empty_masks(self.instructions.keywords, self.masks, DIT_EMPTY_HINT)
         return self.masks
 
     # ---- Eq. 3-6 inputs ------------------------------------------------------------------

@@ -158,12 +158,20 @@ class FoIState:
                         "branch, so cross-attention modulation was skipped for that call.")
 
 
-def warn_empty_masks(keywords, masks):
-    """Log the keywords whose first-step mask ([B, K, h, w]) is empty in every image."""
-    empty = [kw for kw, m in zip(keywords, masks.flatten(2).amax(-1).amax(0)) if float(m) < 0.5]
+UNET_EMPTY_HINT = "Try a lower tau or gamma."
+# docs/foi.md, "The blur": a lower tau inside the paper's 0.4-0.7 changes little after Eq. 2's
+# 8th power; a lower gamma keeps more of a moderately peaked map, a larger upsample keeps a
+# region one token wide.
+DIT_EMPTY_HINT = ("Lower gamma (1 or 2) keeps more of a weakly peaked map; raise mask_upsample (8 or more) "
+                  "if the keyword's region is one token wide; a lower tau helps little.")
+
+
+def warn_empty_masks(keywords, masks, hint=UNET_EMPTY_HINT):
+    """Log the keywords whose first-step mask ([B, K, h, w]) is empty in any image."""
+    empty = [kw for kw, m in zip(keywords, masks.flatten(2).amax(-1).amin(0)) if float(m) < 0.5]
     if empty:
-        log.warning("FoI: the mask of keyword(s) %s is empty (flat attention map); those "
-                    "sub-instructions will barely edit. Try a lower tau.", ", ".join(empty))
+        log.warning("FoI: the mask of keyword(s) %s is empty in at least one image; those "
+                    "sub-instructions will barely edit there. %s", ", ".join(empty), hint)
 
 
 def _rows(chunks, index, per_chunk, device):

@@ -145,6 +145,19 @@ class ChainedPatch:
             self.inner = self.inner.to(device)
         return self
 
+    def models(self):
+        # ComfyUI loads the extra models that the patches in transformer_options list (.models()):
+        # the wrapped patch's must still load.
+        listed = getattr(self.inner, "models", None)
+        return list(listed()) if callable(listed) else []
+
+    def cleanup(self):
+        # Newer ComfyUI calls .cleanup() on every patch after sampling (FluxKVCache empties its
+        # cache there): the wrapped patch's must still run.
+        cleanup = getattr(self.inner, "cleanup", None)
+        if callable(cleanup):
+            cleanup()
+
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; a copy would record into a stranger.
         return self

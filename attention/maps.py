@@ -33,6 +33,12 @@ class AttentionMaps:
     def batch(self):
         return self.probs.shape[0]
 
+    @property
+    def covered(self):
+        """(rows, cols) of map cells that lie on the latent: an odd latent's grid is rounded up
+        (a DiT's 2x2 patches, a UNet's stride-2 layers), so the last cells hang over its edge."""
+        return tuple(size / 2 ** self.level for size in self.latent_hw)
+
     def require_tokens(self):
         """The maps' PromptTokens, or a PromptWordError saying why they have none and what to do."""
         if self.tokens is None:

@@ -167,7 +167,12 @@ def disentangled_guidance(eps_full, eps_img, eps_none, s_T, s_I, union_mask=None
 # Sec. 4.1 on a DiT's token grid
 # --------------------------------------------------------------------------------------------
 
-def dit_keyword_masks(keyword_maps, tau=0.5, gamma=3, kernel_size=3, sigma=0.5, upsample=4):
+# 8, not 4: on the 4x map the filter's edge ring is a quarter of a token, so a keyword region
+# one token wide kept under half of each token's cells and vanished (docs/foi.md measures it).
+DIT_MASK_UPSAMPLE = 8
+
+
+def dit_keyword_masks(keyword_maps, tau=0.5, gamma=3, kernel_size=3, sigma=0.5, upsample=DIT_MASK_UPSAMPLE):
     """Sec. 4.1 for maps at a DiT's token grid [B, K, gh, gw] -> (masks, sharpened maps), both at
     the token grid (masks float 0/1).
 
@@ -179,7 +184,9 @@ def dit_keyword_masks(keyword_maps, tau=0.5, gamma=3, kernel_size=3, sigma=0.5, 
     border (an edge token keeps 0.894 of the peak, a corner 0.80): the planted-region IoU fell to
     0.5 (docs/foi.md). On the upsampled map the filter still smooths what it smoothed before,
     at 1/upsample of a token, so it only erodes the outer ring of each border token's cells and
-    the token vote keeps the border. upsample=1 is the filter at the token grid.
+    the token vote keeps the border. upsample=1 is the filter at the token grid. The eroded ring
+    is one cell wide, so a token with three or four free sides (a region 1 token wide) keeps
+    (u - 2)(u - 1) or (u - 2)^2 of its u^2 cells: under half at u = 4, over half from u = 8.
     """
     b, k, h, w = keyword_maps.shape
     u = max(1, int(upsample))

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention_mask import blur, resize_maps
+from .attention_mask import DEFAULT_BLUR, DEFAULT_THRESHOLD, blur, fit_maps
 from .validate import check_number
 
 TEMPORAL = 4  # pixel frames per latent frame after the first (Wan 2.1 and 2.2 VAEs)
@@ -63,20 +63,22 @@ def normalise_per_video(maps, eps=1e-12):
     return out.reshape(maps.shape)
 
 
-def video_soft_maps(word_map, out_hw, blur_sigma=1.0, temporal_sigma=0.0):
+def video_soft_maps(word_map, out_hw, blur_sigma=DEFAULT_BLUR, temporal_sigma=0.0, covered=None):
     """One word's video map [B, F, h, w] -> soft maps [B, F', H, W] in 0..1, F' = the pixel frames.
     Spatial blur per frame (map pixels), optional blur along frames, min-max per video, bilinear
-    upscale, then each pixel frame takes its latent frame's map."""
+    upscale (an odd latent's padded token grid cropped to the `covered` cells, fit_maps), then
+    each pixel frame takes its latent frame's map."""
     check_number(blur_sigma, "blur", 0.0, 8.0, hint="Gaussian sigma in attention-map pixels")
     b, f, h, w = word_map.shape
     maps = blur(word_map.float().reshape(b * f, h, w), blur_sigma).reshape(b, f, h, w)
     soft = normalise_per_video(temporal_blur(maps, temporal_sigma))
-    soft = resize_maps(soft.reshape(b * f, h, w), out_hw).clamp(0, 1).reshape(b, f, *out_hw)
+    soft = fit_maps(soft.reshape(b * f, h, w), out_hw, covered).clamp(0, 1).reshape(b, f, *out_hw)
     return soft[:, latent_frame_of(pixel_frames(f)).to(soft.device)]
 
 
-def video_word_mask(word_map, out_hw, blur_sigma=1.0, threshold=0.5, temporal_sigma=0.0):
+def video_word_mask(word_map, out_hw, blur_sigma=DEFAULT_BLUR, threshold=DEFAULT_THRESHOLD, temporal_sigma=0.0,
+                    covered=None):
     """[B, F, h, w] -> masks [B, F', H, W]: binary (>= threshold) or soft (threshold 0)."""
     check_number(threshold, "threshold", 0.0, 1.0, hint="fraction of each video's range; 0 gives the soft map")
-    soft = video_soft_maps(word_map, out_hw, blur_sigma, temporal_sigma)
+    soft = video_soft_maps(word_map, out_hw, blur_sigma, temporal_sigma, covered)
     return (soft >= threshold).float() if threshold > 0 else soft

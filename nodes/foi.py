@@ -7,7 +7,7 @@ from ..attention.instructions import annotate_instructions, instructions_from_to
 from ..attention.instructions import encoded_text, split_instructions
 from ..attention.tokens import tokens_of
 from ..masks.label import draw_label
-from ..masks.foi import resize_mask, token_masks_to_latent
+from ..masks.foi import DIT_MASK_UPSAMPLE, resize_mask, token_masks_to_latent
 from ..samplers.foi import START_MODES, FoIConfig, foi_guider, parse_alphas, sample_foi
 from ..samplers.foi_dit import NO_IMAGE_KEY, FoIDiTConfig, foi_dit_guider, sample_foi_dit
 from .common import CATEGORY, LATENT_TO_IMAGE
@@ -227,10 +227,11 @@ def _dit_inputs():
                         "Gaussian filter size applied to the keyword maps before sharpening (1 = off)."}),
         "blur_sigma": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
                        "Gaussian filter sigma, in cells of the upsampled map."}),
-        "mask_upsample": ("INT", {"default": 4, "min": 1, "max": 16, "tooltip":
+        "mask_upsample": ("INT", {"default": DIT_MASK_UPSAMPLE, "min": 1, "max": 16, "tooltip":
                           "The filter, Eq. 2 and tau run on the token map upsampled this many times; each "
-                          "token is in the mask when half its cells are. 1 = at the token grid (erodes a "
-                          "token at every mask border, docs/foi.md)."}),
+                          "token is in the mask when half its cells are. 8 keeps keyword regions one token "
+                          "wide (4 dropped them); 1 = at the token grid (erodes a token at every mask "
+                          "border, docs/foi.md)."}),
         "modulation": ("BOOLEAN", {"default": True, "tooltip":
                        "Cross-condition attention modulation (Eq. 3-7) on the image->text scores of joint "
                        "attention: outside its mask an instruction's scores are the null instruction's."}),

@@ -1,6 +1,7 @@
 """InstDiffEdit and InstDiffEdit Mask nodes."""
 import torch
 
+from ..samplers.common import output_latent
 from ..samplers.instdiffedit import mask_from_maps, sample_instdiffedit
 from .common import CATEGORY, LATENT_TO_IMAGE
 
@@ -103,9 +104,7 @@ class InstDiffEdit:
                                      scheduler=scheduler, copies=copies, theta_hi=theta_hi,
                                      theta_lo=theta_lo, phi=phi,
                                      background=BACKGROUND_CHOICES[background_noise])
-        latent = dict(source)
-        latent["samples"] = result.samples
-        return (latent, to_image_mask(result.mask), step_strip(result.step_masks))
+        return (output_latent(source, result.samples), to_image_mask(result.mask), step_strip(result.step_masks))
 
 
 class InstDiffEditMask:

@@ -2,7 +2,8 @@
 import torch
 
 from ..attention.tokens import split_words
-from ..masks.attention_mask import COMBINE_MODES, heatmap_overlay, overlay, word_mask
+from ..masks.attention_mask import (COMBINE_MODES, DEFAULT_BLUR, DEFAULT_THRESHOLD, heatmap_overlay, overlay,
+                                    word_mask)
 from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..masks.video import latent_frame_of, pixel_frames, video_soft_maps, video_word_mask
@@ -121,7 +122,8 @@ class AttentionHeatmap:
             raise ValueError(f"image has {image.shape[0]} images but the attention maps have {batch}; "
                              "connect the images the maps were recorded for")
         image = image.expand(batch, *image.shape[1:]) if image.shape[0] == 1 else image
-        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity), word)
+        overlays = [draw_label(heatmap_overlay(image, attention_maps.word_map(word).to(image.device), opacity,
+                                                   attention_maps.covered), word)
                     for word in _words_or_all(attention_maps, words)]
         return (torch.cat(overlays).to(image.dtype),)
 
@@ -139,7 +141,8 @@ def _video_heatmaps(maps, image, words, opacity):
                          "maps were recorded for")
     overlays = []
     for word in _words_or_all(maps, words):
-        soft = video_soft_maps(maps.word_map(word).to(image.device), image.shape[1:3], blur_sigma=0.0)
+        soft = video_soft_maps(maps.word_map(word).to(image.device), image.shape[1:3], blur_sigma=0.0,
+                               covered=maps.covered)
         overlays.append(draw_label(overlay(image, soft.flatten(0, 1), opacity), word))
     return torch.cat(overlays).to(image.dtype)
 
@@ -151,9 +154,11 @@ class AttentionMask:
             "attention_maps": ("ATTENTION_MAPS",),
             "words": ("STRING", {"default": "", "tooltip":
                       "Comma-separated words or phrases of the prompt whose region you want."}),
-            "blur": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
-                     "Gaussian blur of the maps, in attention-map pixels, before thresholding."}),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "blur": ("FLOAT", {"default": DEFAULT_BLUR, "min": 0.0, "max": 8.0, "step": 0.1, "tooltip":
+                     "Gaussian blur of the maps (sigma, in attention-map pixels) before thresholding. "
+                     "0.5 keeps regions of 2x2 map cells and up; raise it (1-2) for noisy maps of large "
+                     "regions (docs/recording.md measures both)."}),
+            "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Binary mask at this fraction of each map's range; 0 gives the soft map."}),
             "combine": (list(COMBINE_MODES), {"default": "union"}),
         }, "optional": {
@@ -177,9 +182,11 @@ class AttentionMask:
         height, width = (scale * s for s in attention_maps.latent_hw)
         if attention_maps.frames is not None:  # [batch, pixel frames, H, W] -> MASK [batch * frames, H, W]
             masks = torch.stack([video_word_mask(attention_maps.word_map(word), (height, width), blur, threshold,
-                                                 temporal_smoothing).flatten(0, 1) for word in chosen])
+                                                 temporal_smoothing, attention_maps.covered).flatten(0, 1)
+                                 for word in chosen])
         else:
-            masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold)
+            masks = torch.stack([word_mask(attention_maps.word_map(word), (height, width), blur, threshold,
+                                           attention_maps.covered)
                                  for word in chosen])
         return (combine_masks(masks, combine).cpu(),)  # like core MASKs, off the sampling device
 

@@ -78,7 +78,8 @@ def check_latent_shape(model, samples, input_name, what="latent"):
     raise ValueError(
         f"the '{input_name}' {what} has {found} (shape {shape}) but {model_name(model)} takes image "
         f"latents {takes}: the pack edits one image per batch item. Connect an image latent (VAE "
-        "Encode of an image, or the empty latent node for this model), not a video or batched-frames latent.")
+        "Encode of an image, or the empty latent node for this model), not a video, a layered "
+        "(Qwen-Image Layered) or a batched-frames latent.")
 
 
 def check_latent(model, samples, input_name, what="latent", noise_mask=None):
@@ -101,12 +102,30 @@ def check_latent(model, samples, input_name, what="latent", noise_mask=None):
     return samples
 
 
+# what a LATENT dict may carry for the samplers only: ComfyUI's samplers (0.19.3) read it and
+# leave it out of their output (EmptyLatentImage's VAE ratio, for fix_empty_latent_channels)
+SAMPLER_ONLY_KEYS = ("downscale_ratio_spacial",)
+
+
 def latent_samples(model, latent):
+    """The LATENT's samples as ComfyUI's samplers take them: an empty latent is fitted to the
+    model's channels (and, on hosts whose empty latents say their VAE ratio, to its spatial ratio)."""
     import comfy.sample
 
     samples = latent["samples"]
     fix = getattr(comfy.sample, "fix_empty_latent_channels", None)
-    return fix(model, samples) if fix is not None else samples
+    if fix is None:
+        return samples
+    ratio = latent.get("downscale_ratio_spacial")  # set only by hosts whose fix takes it
+    return fix(model, samples) if ratio is None else fix(model, samples, ratio)
+
+
+def output_latent(latent, samples):
+    """The output LATENT: the input's keys (batch_index, noise_mask...) with the new samples, less
+    the sampler-only keys, as ComfyUI's KSampler / SamplerCustomAdvanced return it."""
+    result = {key: value for key, value in latent.items() if key not in SAMPLER_ONLY_KEYS}
+    result["samples"] = samples
+    return result
 
 
 def initial_noise(latent, seed):
@@ -163,6 +182,4 @@ def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
                               noise_mask=latent.get("noise_mask"), sigmas=None if sigmas is None else sigmas.clone(),
                               callback=callback or progress_callback(model, steps),
                               disable_pbar=progress_disabled(), seed=seed)
-    result = dict(latent)
-    result["samples"] = check_finite(out, "the sampled latent")  # once, after sampling
-    return result
+    return output_latent(latent, check_finite(out, "the sampled latent"))  # checked once, after sampling

@@ -37,8 +37,8 @@ from ..attention.instructions import instructions_of
 from ..attention.recorder import step_of_sigma
 from ..masks.foi import disentangled_guidance
 from ..masks.validate import check_finite, check_number
-from .common import (check_latent, check_sampling, initial_noise, latent_samples, progress_callback,
-                     progress_disabled, schedule)
+from .common import (check_latent, check_sampling, initial_noise, latent_samples, output_latent,
+                     progress_callback, progress_disabled, schedule)
 
 
 @dataclass
@@ -319,6 +319,4 @@ def sample_foi(model, positive, negative, latent, seed, steps, denoise=0.8, samp
     out = guider.sample(noise, init, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         callback=callback or progress_callback(model, len(sigmas) - 1),
                         disable_pbar=progress_disabled(), seed=seed)
-    result = dict(latent)
-    result["samples"] = out.to(comfy.model_management.intermediate_device())  # as comfy.sample does
-    return result, guider
+    return output_latent(latent, out.to(comfy.model_management.intermediate_device())), guider  # as comfy.sample

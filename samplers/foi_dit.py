@@ -28,12 +28,13 @@ import comfy.model_sampling
 import comfy.samplers
 import torch
 
-from ..attention.dit_families import family_of
+from ..attention.dit_families import dit_family
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
+from ..masks.foi import DIT_MASK_UPSAMPLE
 from ..masks.validate import check_number
 from .common import (check_latent, check_sampling, initial_noise, latent_broadcast, latent_samples,
-                     progress_callback, progress_disabled, schedule)
+                     output_latent, progress_callback, progress_disabled, schedule)
 from .foi import InstructionGuider, check_foi_settings, normalised_t, require_single_prompt
 
 NO_IMAGE_KEY = "attention_edit_foi_no_image"  # a null conditioning's no-image encoding (Qwen-Image-Edit)
@@ -54,7 +55,7 @@ QWEN_EDIT = EditModel("Qwen-Image-Edit", 2.5, "Instruction Text Encode (Qwen-Ima
 
 def edit_model(model_patcher):
     """EditModel of a ModelPatcher, or a clear error for other models."""
-    family = family_of(model_patcher)
+    family = dit_family(model_patcher)
     name = getattr(family, "name", None)
     if name == "Flux":
         return KONTEXT
@@ -74,7 +75,7 @@ class FoIDiTConfig:
     tau: float = 0.5
     kernel_size: int = 3
     sigma: float = 0.5
-    mask_upsample: int = 4  # Eq. 2 on the token map upsampled this many times (masks.foi.dit_keyword_masks)
+    mask_upsample: int = DIT_MASK_UPSAMPLE  # Eq. 2 on the token map upsampled this many times (dit_keyword_masks)
     modulation: bool = True
     alphas: list = field(default_factory=list)
     disentangle_fraction: float = 0.75
@@ -200,7 +201,5 @@ def sample_foi_dit(model, positive, negative, latent, seed, steps, sampler_name=
     out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         callback=callback or progress_callback(model, len(sigmas) - 1),
                         disable_pbar=progress_disabled(), seed=seed)
-    result = dict(latent)
-    result["samples"] = out.to(comfy.model_management.intermediate_device())
-    return result, guider
+    return output_latent(latent, out.to(comfy.model_management.intermediate_device())), guider
 

@@ -10,25 +10,29 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 - DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
   attention's image -> text rows of the late double / joint blocks (dit_families.default_blocks,
   the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
-  *end tokens*: CLIP's start token where the encoder has one (SD3's CLIP part), else the tokens
-  after the prompt that belong to no word (T5's </s> and padding on Flux, Qwen's closing
-  template). Like CLIP's start token they carry no word and collect the attention the words
-  leave, so 1 - their map marks the foreground. The maps are enlarged 4x as the official code
+  tokens that belong to **no word**: T5's </s> and padding (Flux), Qwen's closing template, and
+  on SD3 CLIP's start, end and padding tokens with T5's end and padding. Like CLIP's start
+  token they carry no word and collect the attention the words leave, so 1 - their map marks
+  the foreground; averaged over many tokens, one token's noise does not pick the word (SD3's
+  single start-token column did: docs/instdiffedit.md measures both). The maps are enlarged 4x as the official code
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
   edited when at least half of its 2 x 2 mask pixels are.
 """
+import logging
+
 import torch
 
-from ..attention.dit_families import family_of
+from ..attention.dit_families import dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm
 from ..masks.foi import resize_mask
 
+log = logging.getLogger("attention_edit")
+
 UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
 DIT_LEVEL = 1  # every supported DiT attends at its token grid, latent / 2
-START_TOKEN = "<start>"
 
 
 def word_groups(tokens, input_name="positive"):
@@ -79,9 +83,11 @@ class DiTCapture(UNetCapture):
 
     level = DIT_LEVEL
 
-    def __init__(self, tokens, input_name="positive"):
+    def __init__(self, tokens, input_name="positive", family_name=None):
         super().__init__(tokens, input_name)
         self.start_columns = start_columns(tokens)
+        if family_name in PADDED_DITS:
+            warn_if_padding_runs_short(tokens, self.start_columns)
 
     @staticmethod
     def recorder(n_tokens):
@@ -101,17 +107,35 @@ class DiTCapture(UNetCapture):
 
 
 def start_columns(tokens):
-    """The end tokens that stand in for CLIP's start token (see the module docstring)."""
-    starts = [i for i, string in enumerate(tokens.token_strings) if string == START_TOKEN]
-    if starts:
-        return starts[:1]
+    """The tokens that stand in for CLIP's start token: every token of the context that belongs
+    to no word (see the module docstring). One start token's map is noisy; their mean is not."""
     worded = {p for word in tokens.words for p in word.positions}
-    after = [i for i in range(max(worded) + 1, tokens.n_tokens) if i not in worded]
-    if not after:
+    free = [i for i in range(tokens.n_tokens) if i not in worded]
+    if not free:
         raise ValueError(
-            f"the prompt \"{tokens.text[:60]}\" fills the whole token axis: InstDiffEdit needs the "
-            "text encoder's end token after it. Shorten the prompt.")
-    return after
+            f"the prompt \"{tokens.text[:60]}\" fills the whole token axis: InstDiffEdit needs tokens "
+            "that belong to no word (the text encoder's end or padding tokens). Shorten the prompt.")
+    return free
+
+
+# Families whose prompt is padded to a fixed length (Flux's T5 to 256 tokens, SD3's parts to 77),
+# so a longer prompt leaves fewer end / padding tokens for the start map. Measured on Flux
+# (docs/instdiffedit.md, "Long prompts"): the word pick holds while those tokens outnumber the
+# prompt's word tokens (115 words: 132 vs 124) and fails at +4 logits once they do not (125 words:
+# 122 vs 134, IoU 0.01). The start map's share of the attention then varies from pixel to pixel
+# with how much the words as a whole take, which one word's region no longer outweighs.
+PADDED_DITS = ("Flux", "SD3")
+
+
+def warn_if_padding_runs_short(tokens, start):
+    worded = sum(len(word.positions) for word in tokens.words)
+    if len(start) < worded:
+        log.warning(
+            "InstDiffEdit: the target prompt takes %d of the %d text tokens, leaving %d end / padding "
+            "tokens for the start map; with fewer of those than word tokens the object word was often "
+            "missed (the mask then covers the rest of the image, docs/instdiffedit.md 'Long prompts'). "
+            "Describe the edited image in fewer words (on Flux it held up to about 115 words).",
+            worded, tokens.n_tokens, len(start))
 
 
 # Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
@@ -127,12 +151,12 @@ def _dit_capture(family_name, tokens, input_name):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
                         "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name)
+    return DiTCapture(tokens, input_name, family_name)
 
 
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
-    family = family_of(model)
+    family = dit_family(model)
     return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
 
 

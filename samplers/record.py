@@ -1,5 +1,5 @@
 """KSampler that records cross-attention maps on the side (UNet cross-attention, DiT joint attention)."""
-from ..attention.dit_families import family_of, require_family
+from ..attention.dit_families import dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import annotation_of, no_words_reason, recorded_length
@@ -9,10 +9,8 @@ from .common import check_latent, check_sampling, ksample, latent_samples, sched
 def make_recorder(model, branch, n_tokens, level=2, parts=("input", "output"), dit_blocks="",
                   normalise="text"):
     """The recorder for this model: UNet layers by resolution level, DiT models by block."""
-    if family_of(model) is not None:
+    if dit_family(model) is not None:  # (neither a UNet nor a supported DiT: the error names those)
         return DiTRecorder(branch=branch, n_tokens=n_tokens, blocks=dit_blocks, normalise=normalise)
-    if not hasattr(model.model.diffusion_model, "input_blocks"):
-        require_family(model)  # neither a UNet nor a supported DiT: the error names what is supported
     return AttentionRecorder(level=level, parts=parts, branch=branch, n_tokens=n_tokens)
 
 

@@ -4,7 +4,7 @@ matrix, outputs are bit-identical to plain sampling, other patches keep working.
 import pytest
 import torch
 
-from ae_testlib import dit_host, host
+from ae_testlib import dit_host
 from ae_testlib.pack import pack_module
 
 record = pack_module("samplers.record")
@@ -479,13 +479,3 @@ def test_a_comfyui_without_the_attention_override_gets_told_to_update(monkeypatc
         recording(dit_host.model("flux"), dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2),
                   latent)
 
-
-@host.requires("flux2")
-def test_flux2_in_fluxs_class_is_refused_not_recorded_as_flux():
-    """Flux.2 runs in Flux's own class (patch 1 on a 128-channel latent, global modulation): the
-    Flux path's 2x2 token grid would read the wrong tokens, so the pack refuses it by name."""
-    flux2 = dit_host.build("flux2")
-    assert type(flux2.model.diffusion_model) is type(dit_host.model("flux").model.diffusion_model)
-    latent = {"samples": torch.zeros(1, 128, 6, 10)}
-    with pytest.raises(TypeError, match=r"does not support this model \(Flux, flux2\)"):
-        recording(flux2, dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2), latent)

@@ -76,7 +76,7 @@ def test_skip_reasons_and_the_newest_host():
         else:
             assert what in reason and host.NEWER_HOST in reason and host.import_host() in reason
     # On the newest host nothing may skip: a feature spec with a typo would skip its tests forever.
-    if host.import_host().startswith("upstream ComfyUI 0.3.64 "):
+    if host.import_host().startswith("upstream ComfyUI 0.19.3 "):
         assert [name for name in host.FEATURES if not host.has(name)] == []
 
 

@@ -62,3 +62,14 @@ def test_no_eval_exec_and_layering(path):
             continue
         target = layer if level == 1 else module.split(".")[0]
         assert target in ALLOWED[layer], f"{path.relative_to(PACK_ROOT)} imports {'.' * level}{module}"
+
+
+def test_the_comfyui_versions_audit_names_tests_that_exist():
+    """docs/comfyui_versions.md names a covering test in every row: each must exist."""
+    doc = (PACK_ROOT / "docs" / "comfyui_versions.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| interface")]
+    assert rows and all("tests/" in row for row in rows), [row[:80] for row in rows if "tests/" not in row]
+    missing = [f"{path}::{name}" for path, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)", doc)
+               if not (PACK_ROOT / path).is_file()
+               or not re.search(rf"^def {name}\(", (PACK_ROOT / path).read_text(), re.M)]
+    assert not missing, missing

@@ -229,7 +229,8 @@ def test_planted_moving_region_found_in_every_frame(variant, seed):
     negative = wan_host.conditioning(3, seed=seed + 20)
     latent = wan_host.latent(variant, 2, FRAMES, 2 * GRID[0], 2 * GRID[1])
     _, maps = recording(planted, positive, negative, latent, steps=4, cfg=1.0)
-    mask = nodes.AttentionMask().run(maps, "cat", 1.0, 0.5, "union")[0]
+    mask_module = pack_module("masks.attention_mask")
+    mask = nodes.AttentionMask().run(maps, "cat", mask_module.DEFAULT_BLUR, mask_module.DEFAULT_THRESHOLD, "union")[0]
     scale = 16 if variant == "wan22_5b" else 8
     decoded = wan_host.decoded_shape(variant, FRAMES, 2 * GRID[0], 2 * GRID[1])
     assert mask.shape == (2 * decoded[0], *decoded[1:])  # batch-major, frame for frame with VAE Decode

@@ -36,6 +36,8 @@ def _blocks(pattern, count, shape):
 
 def _skeleton(family, size):
     """{key: shape} of a checkpoint of `family`: the keys detection reads, at the model's widths."""
+    if size == "real":
+        return _real_skeleton(family)
     full = size == "full"
     if family == "flux":  # Flux.1 [dev] (guidance embedding; Kontext is the same checkpoint format)
         hidden, context, pooled = (3072, 4096, 768) if full else (64, CONTEXT_DIM, POOLED_DIM)
@@ -43,11 +45,6 @@ def _skeleton(family, size):
                 "vector_in.in_layer.weight": (hidden, pooled), "guidance_in.in_layer.weight": (hidden, 256),
                 **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (hidden // 24,)),
                 **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (hidden // 24,))}
-    if family == "flux2":  # Flux.2: Flux's class with global modulation, patch 1 on a 128-channel latent
-        return {"img_in.weight": (64, 128), "txt_in.weight": (64, CONTEXT_DIM),
-                "double_stream_modulation_img.lin.weight": (6 * 64, 64),
-                **_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 2, (32,)),
-                **_blocks("single_blocks.{}.norm.key_norm.scale", 2, (32,))}
     if family == "chroma":  # no vector_in, no guidance_in: a distilled guidance layer instead
         return {"img_in.weight": (64, 64), "txt_in.weight": (64, CONTEXT_DIM),
                 "distilled_guidance_layer.norms.0.scale": (32,),
@@ -64,7 +61,32 @@ def _skeleton(family, size):
         hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
-    raise ValueError(f"family must be one of {FAMILIES} or 'flux2' (unsupported), got {family!r}")
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def _real_skeleton(family):
+    """The real checkpoints' keys and shapes that detection reads: Flux.1 [dev] (19 double + 38
+    single blocks; Kontext's network too), Chroma, SD3.5 Large (38 joint blocks), Qwen-Image (60
+    blocks). For tests/device/run.py on a GPU; the suite checks their parameter counts on the meta
+    device."""
+    flux_blocks = {**_blocks("double_blocks.{}.img_attn.norm.key_norm.scale", 19, (128,)),
+                   **_blocks("single_blocks.{}.norm.key_norm.scale", 38, (128,))}
+    if family == "flux":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256), **flux_blocks}
+    if family == "chroma":
+        return {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                "distilled_guidance_layer.norms.0.scale": (5120,), **flux_blocks}
+    if family == "sd3":
+        hidden = 38 * 64
+        return {"x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (16 * 4, hidden),
+                "y_embedder.mlp.0.weight": (hidden, 2048), "context_embedder.weight": (hidden, 4096),
+                "pos_embed": (1, 192 * 192, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
+                **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", 38, (3 * hidden, hidden))}
+    if family == "qwen":
+        return {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                **_blocks("transformer_blocks.{}.img_mod.1.weight", 60, (6 * 3072, 3072))}
+    raise ValueError(f"no real {family!r} model here; one of {FAMILIES}")
 
 
 # What detection cannot read from the skeleton's few keys (it assumes the full model's head count
@@ -72,7 +94,6 @@ def _skeleton(family, size):
 _TINY = {
     "flux": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0,
                  context_in_dim=CONTEXT_DIM, vec_in_dim=POOLED_DIM),
-    "flux2": dict(hidden_size=64, num_heads=2, axes_dim=[8, 8, 8, 8], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM),
     "chroma": dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM,
                    out_dim=64, hidden_dim=32, n_layers=1),
     "sd3": {},
@@ -81,16 +102,38 @@ _TINY = {
 }
 
 
-def detected_config(family, size="tiny"):
-    """The host's own detection of the family's checkpoint skeleton, with the tiny widths set."""
+# Checkpoint variants of a family's skeleton: keys added (a shape) or left out (None), and the
+# tiny widths that change with them.
+VARIANTS = {
+    # Flux.2 (ComfyUI >= 0.3.72): global modulation, patch size 1 on a 128-channel latent
+    ("flux", "flux2"): ({"vector_in.in_layer.weight": None, "img_in.weight": (64, 128),
+                         "double_stream_modulation_img.lin.weight": (6 * 64, 64)},
+                        {"vec_in_dim": None, "axes_dim": [8, 8, 8, 8]}),
+    # Qwen-Image-Edit-2511: the marker key by which ComfyUI (>= 0.5) sets
+    # default_ref_method="index_timestep_zero" (reference tokens at timestep 0, a 2B-batch temb)
+    ("qwen", "edit_2511"): ({"__index_timestep_zero__": (0,)}, {}),
+}
+
+
+def detected_config(family, size="tiny", variant=None):
+    """The host's own detection of the family's checkpoint skeleton (optionally a VARIANTS entry),
+    with the tiny widths set."""
     import comfy.model_detection
 
-    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(family, size).items()}
+    keys, widths = VARIANTS[(family, variant)] if variant else ({}, {})
+    shapes = dict(_skeleton(family, size))
+    for key, shape in keys.items():
+        if shape is None:
+            shapes.pop(key)
+        else:
+            shapes[key] = shape
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     config = comfy.model_detection.detect_unet_config(skeleton, "")
     if config is None:
         raise RuntimeError(f"this ComfyUI does not detect the {family} checkpoint skeleton")
-    if size != "full":
+    if size == "tiny":
         config.update(_TINY[family])
+        config.update(widths)
     return config
 
 
@@ -104,20 +147,64 @@ def _init(model, seed):
                 param.fill_(1.0)
             else:
                 param.fill_(float("nan"))
+        # checkpoint tensors ComfyUI keeps as buffers (SD3's pos_embed, torch.empty until a state
+        # dict loads): left alone they hold whatever memory held, NaN at times, so a test's
+        # result would depend on what ran before it
+        generator = torch.Generator().manual_seed(seed + 1)
+        for name, buffer in model.diffusion_model.named_buffers():
+            if name.rsplit(".", 1)[-1] == "pos_embed" and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.02)
     host._init_weights(model, seed)
 
 
-def build(family, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES), built by the
-    supported_models class ComfyUI picks for the detected config."""
-    require_dit_host()
+# the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
+REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
+              "qwen": {"num_layers": 60}}
+
+
+def _text_widths(family, config, context_dim, pooled_dim):
+    """Set the widths of the conditioning the model takes (a real text encoder's, e.g. SD3's 4096)."""
+    if context_dim is not None:
+        if family == "sd3":
+            config["context_embedder_config"] = {
+                "target": "torch.nn.Linear", "params": {"in_features": context_dim, "out_features": 128}}
+        else:
+            config[{"qwen": "joint_attention_dim"}.get(family, "context_in_dim")] = context_dim
+    if pooled_dim is not None:
+        config[{"sd3": "adm_in_channels"}.get(family, "vec_in_dim")] = pooled_dim
+    return config
+
+
+def supported_config(family, size="tiny", variant=None, overrides=None):
+    """The supported_models config ComfyUI picks for the family's detected config (with
+    `overrides` set after detection: block counts, text widths)."""
     import comfy.model_detection
+
+    config = {**detected_config(family, size, variant), **(overrides or {})}
+    found = comfy.model_detection.model_config_from_unet_config(config)
+    if found is None:
+        raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    return found
+
+
+def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None, real_depth=False,
+          context_dim=None, pooled_dim=None):
+    """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
+    VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config.
+    size "tiny" (tests), "full" (full width, 2 + 2 blocks: benchmarks) or "real" (the real
+    model); `real_depth` gives a tiny model the released model's block count (REAL_DEPTH),
+    `context_dim` / `pooled_dim` a real text encoder's widths. On the CPU in float32 (or
+    `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
+    (host.on_comfy_device)."""
+    require_dit_host()
     import comfy.model_patcher
 
-    config = detected_config(family, size)
-    model_config = comfy.model_detection.model_config_from_unet_config(config)
-    if model_config is None:
-        raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    overrides = _text_widths(family, dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
+    model_config = supported_config(family, size, variant, overrides)
+    if on_device:
+        return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
+    if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks
+        model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     _init(model, seed)
     model.eval()
@@ -126,9 +213,9 @@ def build(family, seed=0, size="tiny"):
 
 
 @functools.lru_cache(maxsize=None)
-def model(family):
+def model(family, variant=None):
     """Cached tiny model; tests patch clones only."""
-    return build(family)
+    return build(family, variant=variant)
 
 
 def latent(family, batch=1, height=6, width=10):

@@ -32,12 +32,19 @@ TINY_CLIP = {
 TINY_CLIP_G = {**TINY_CLIP, "hidden_act": "gelu", "hidden_size": 48, "projection_dim": 48}
 
 
+# ComfyUI runs in CPU mode for the suite; tests/device/run.py sets this False before the first
+# import_host() so ComfyUI picks the GPU (and its dtypes there) as it does for a user.
+CPU_ONLY = True
+
+
 @functools.lru_cache(maxsize=None)
 def import_host():
-    """Import ComfyUI once (CPU mode) and return a short description of the host."""
+    """Import ComfyUI once (CPU mode unless CPU_ONLY is False) and return a short description."""
     path = os.environ.get("COMFYUI_PATH")
     if path:
-        sys.path.insert(0, os.path.abspath(path))
+        # absolute for the subprocesses tests start in other folders too (COMFYUI_PATH=.hosts/...)
+        os.environ["COMFYUI_PATH"] = path = os.path.abspath(path)
+        sys.path.insert(0, path)
     try:
         import torchvision  # noqa: F401
     except Exception:
@@ -48,7 +55,7 @@ def import_host():
         sys.path.insert(0, str(STUBS))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True  # before comfy.model_management (upstream raises without CUDA)
+    comfy.cli_args.args.cpu = CPU_ONLY  # before comfy.model_management (upstream raises without CUDA)
     import comfy.model_management  # noqa: F401
     import comfy.model_patcher  # noqa: F401
     import comfy.sample  # noqa: F401
@@ -74,9 +81,8 @@ def host_root():
 NEWER_HOST = "upstream ComfyUI 0.19.3 (../shared/hosts/comfyui-0.19.3.tar.xz, run with COMFYUI_PATH)"
 FEATURES = {
     # name: (what it is, for the skip reason; the specs that must all exist: "module[:attribute]"
-    #        or "file:PATH" relative to the host root)
+    #        or "file:PATH" relative to the host root; an attribute may be dotted: "module:Class.method")
     "flux": ("Flux DiT models", ["comfy.ldm.flux.model", "comfy.text_encoders.flux"]),
-    "flux2": ("Flux.2 DiT models", ["comfy.supported_models:Flux2"]),
     "chroma": ("Chroma DiT models with their T5 text encoder",
                ["comfy.ldm.chroma.model", "comfy.text_encoders.pixart_t5"]),
     "sd3": ("SD3 / SD3.5 MMDiT models with their text encoders",
@@ -89,6 +95,15 @@ FEATURES = {
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
+    # core nodes / model code that only newer hosts have (docs/comfyui_versions.md)
+    "flux_kv_cache": ("the core Flux KV Cache node (comfy_extras.nodes_flux.FluxKVCache)",
+                      ["comfy_extras.nodes_flux:FluxKVCache"]),
+    "flux2": ("Flux.2 models (Flux's model class with patch size 1)", ["comfy.supported_models:Flux2"]),
+    "nag": ("the core Normalized Attention Guidance node (comfy_extras.nodes_nag.NAGuidance)",
+            ["comfy_extras.nodes_nag:NAGuidance"]),
+    "index_timestep_zero": ("Qwen-Image-Edit-2511's index_timestep_zero reference method (the "
+                            "block's two-timestep gate)",
+                            ["comfy.ldm.qwen_image.model:QwenImageTransformerBlock._apply_gate"]),
     "server": ("the ComfyUI server with its web frontend (main.py, server.py, "
                "comfyui_frontend_package)", ["file:main.py", "file:server.py", "comfyui_frontend_package"]),
 }
@@ -104,7 +119,12 @@ def _spec_exists(spec):
         return False
     if not found or not attribute:
         return found
-    return hasattr(importlib.import_module(module), attribute)
+    found = importlib.import_module(module)
+    for name in attribute.split("."):
+        if not hasattr(found, name):
+            return False
+        found = getattr(found, name)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,40 +217,59 @@ UNET_CONFIGS = {
 }
 
 
-# Full-size SD1.5 (860M parameters) for benchmarks: the real widths and depths.
+# Full-size SD1.5 (860M parameters) and SDXL (2.6B) for benchmarks: the real widths and depths.
 FULL_CONFIGS = {
     "sd15": dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
                  transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                  transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
                  adm_in_channels=None),
+    "sdxl": dict(model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                 transformer_depth_middle=10, context_dim=2048, use_linear_in_transformer=True,
+                 adm_in_channels=2816, num_classes="sequential", num_head_channels=64, num_heads=-1),
 }
 
 
 def _full_unet_config(family, in_channels, size="tiny"):
-    config = dict((UNET_CONFIGS if size == "tiny" else FULL_CONFIGS)[family])
-    config.update(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+    sizes = UNET_CONFIGS if size == "tiny" else FULL_CONFIGS
+    config = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
                   in_channels=in_channels, out_channels=4, use_temporal_resblock=False,
                   use_temporal_attention=False, num_head_channels=-1, num_heads=8)
+    config.update(sizes[family])  # SDXL full size: 64-channel heads, as the real one
     return config
 
 
-def build_model(family="sd15", ip2p=False, seed=0, size="tiny"):
-    """A ModelPatcher around a random-weight UNet built by ComfyUI's own model classes.
-
-    size "tiny" (tests) or "full" (benchmarks; SD1.5 and SD1.5-IP2P only).
-    """
+def unet_model_config(family="sd15", ip2p=False, size="tiny"):
+    """The supported_models config (ComfyUI's own class for the family) of a `size` UNet."""
     import_host()
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
     classes = {("sd15", False): sm.SD15, ("sd15", True): sm.SD15_instructpix2pix,
                ("sd2", False): sm.SD20, ("sdxl", False): sm.SDXL,
                ("sdxl", True): sm.SDXL_instructpix2pix}
-    model_config = classes[(family, ip2p)](_full_unet_config(family, 8 if ip2p else 4, size))
-    model_config.unet_config.update(num_heads=8, num_head_channels=-1)
+    config = _full_unet_config(family, 8 if ip2p else 4, size)
+    model_config = classes[(family, ip2p)](config)
+    # the family's class adds its own head layout (SD2: 64-channel heads); keep the config's
+    model_config.unet_config.update({key: config[key] for key in ("num_heads", "num_head_channels")})
+    return model_config
+
+
+def build_model(family="sd15", ip2p=False, seed=0, size="tiny", on_device=False, dtype=None):
+    """A ModelPatcher around a random-weight UNet built by ComfyUI's own model classes.
+
+    size "tiny" (tests) or "full" (benchmarks; SD1.5, SD1.5-IP2P and SDXL). On the CPU in float32
+    (or `dtype`, computed in it), unless on_device: built as ComfyUI loads a checkpoint on its
+    device (`on_comfy_device`).
+    """
+    import comfy.model_base
+    import comfy.model_patcher
+
+    model_config = unet_model_config(family, ip2p, size)
+    if on_device:
+        return on_comfy_device(model_config, lambda model: _init_weights(model, seed), dtype)
+    if dtype is not None:  # e.g. the device run's fp16 / bf16 NaN checks: computed in that dtype
+        model_config.set_inference_dtype(dtype, None)
     if family == "sd2":
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
@@ -239,6 +278,28 @@ def build_model(family="sd15", ip2p=False, seed=0, size="tiny"):
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def on_comfy_device(model_config, init, dtype=None):
+    """Build `model_config`'s model as ComfyUI loads a diffusion model
+    (comfy.sd.load_diffusion_model_state_dict): on its torch device, in the dtype it picks there
+    for this many parameters (unless `dtype` is given) with manual casting where the device needs
+    it, then init(model) in place. Built on the device directly: a 12B model never sits in CPU
+    memory in float32. For tests/device/run.py."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    load_device = mm.get_torch_device()
+    supported = list(model_config.supported_inference_dtypes)
+    if dtype is None:  # the parameter count decides only when memory is short; a meta build gives it
+        params = sum(p.numel() for p in model_config.get_model({}, device="meta").parameters())
+        dtype = mm.unet_dtype(model_params=params, supported_dtypes=supported)
+    model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, supported))
+    with torch.no_grad():
+        model = model_config.get_model({}, device=load_device)
+        init(model)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
 def _sd1_clip_module():

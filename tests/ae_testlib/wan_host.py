@@ -150,10 +150,10 @@ def plant(model, region, token_columns, beta=8.0):
             values = (grid.reshape(batch, -1).to(dtype) * beta * positive[:, None].to(dtype)).to(device)
             for column in columns:
                 bias[:, 0, :, column] = values
-            return bias
+            return bias, None  # (bias, noise): dit_plant's override takes both
 
         options = dict(transformer_options)
-        options["optimized_attention_override"] = dit_plant.CrossPlantingOverride(
+        options["optimized_attention_override"] = dit_plant._PlantingOverride(
             bias_of, transformer_options.get("optimized_attention_override"))
         return executor(x, t, c_concat, c_crossattn, control, options, **kw)
 

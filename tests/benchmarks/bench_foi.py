@@ -38,35 +38,42 @@ def _conds(context_dim, source):
     return with_image(positive), with_image(negative), negative
 
 
-def run(args, model=None, sizes=None):
+def variants(model, source, steps):
+    """{name: run} of core DualCFGGuider (3 branches) and the FoI Sampler from `source` on the same
+    schedule (also tests/device/run.py). Returns (variants, sigmas)."""
     import comfy.samplers
 
     foi = pack_module("samplers.foi")
     common = pack_module("samplers.common")
+    context_dim = model.model.model_config.unet_config["context_dim"]
+    positive, negative, no_image = _conds(context_dim, source)
+    sigmas = common.schedule(model, steps, SAMPLER, SCHEDULER, DENOISE)
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(3))
+    latent = {"samples": torch.zeros_like(source)}
+
+    def dual_cfg():
+        guider = _dual_cfg_class()(model)
+        guider.set_conds(positive, negative, no_image)
+        guider.set_cfg(S_T, S_I)
+        return guider.sample(noise, source, comfy.samplers.sampler_object(SAMPLER), sigmas, seed=0)
+
+    def foi_sampler():
+        return foi.sample_foi(model, positive, negative, latent, 0, steps, DENOISE, SAMPLER, SCHEDULER,
+                              foi.FoIConfig(s_T=S_T, s_I=S_I), callback=lambda *a: None)[0]
+
+    return {"IP2P DualCFGGuider": dual_cfg, "FoI Sampler": foi_sampler}, sigmas
+
+
+def run(args, model=None, sizes=None):
     if model is None:
         model = host.build_model("sd15", ip2p=True, size=getattr(args, "size", "full"))
-    context_dim = model.model.model_config.unet_config["context_dim"]
     sizes = sizes or ((256, args.steps_256), (512, args.steps_512))
     for size, steps in sizes:
         if steps < 1:
             continue
         source = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-        positive, negative, no_image = _conds(context_dim, source)
-        sigmas = common.schedule(model, steps, SAMPLER, SCHEDULER, DENOISE)
-        noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(3))
-        latent = {"samples": torch.zeros_like(source)}
-
-        def dual_cfg():
-            guider = _dual_cfg_class()(model)
-            guider.set_conds(positive, negative, no_image)
-            guider.set_cfg(S_T, S_I)
-            guider.sample(noise, source, comfy.samplers.sampler_object(SAMPLER), sigmas, seed=0)
-
-        def foi_sampler():
-            foi.sample_foi(model, positive, negative, latent, 0, steps, DENOISE, SAMPLER, SCHEDULER,
-                           foi.FoIConfig(s_T=S_T, s_I=S_I), callback=lambda *a: None)
-
-        medians, times = interleaved({"IP2P DualCFGGuider": dual_cfg, "FoI Sampler": foi_sampler}, args.repeats)
+        runs, sigmas = variants(model, source, steps)
+        medians, times = interleaved(runs, args.repeats)
         report(f"FoI, SD1.5-IP2P {size} px, {len(sigmas) - 1} steps (denoise {DENOISE}), {SAMPLER}, "
                f"2 sub-instructions, batch 1 x 3 branches", medians, "IP2P DualCFGGuider", target=1.10)
         for name, values in times.items():  # every run, in order: shows how noisy the machine was

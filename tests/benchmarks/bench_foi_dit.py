@@ -62,22 +62,31 @@ def _pytorch_attention():
     flux_math.optimized_attention = attention.attention_pytorch
 
 
-def bench(title, model, positive, negative, size, steps, cfg, repeats, five_d=False):
+def variants(model, positive, negative, size, steps, cfg, five_d=False):
+    """{name: run} of KSampler at `cfg` (two evaluations per step) and FoI with the same two
+    branches (also tests/device/run.py); each returns its LATENT. Returns (variants, evaluations):
+    evaluations["FoI"] gets the last FoI run's evaluation count and hook counters."""
     shape = (1, 16, 1, size // 8, size // 8) if five_d else (1, 16, size // 8, size // 8)
     latent = {"samples": torch.zeros(*shape)}
     sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
     evaluations = {}
 
     def plain():
-        common.ksample(model, 0, steps, cfg, "euler", "simple", positive, negative, latent, sigmas)
+        return common.ksample(model, 0, steps, cfg, "euler", "simple", positive, negative, latent, sigmas)
 
     def foi():
-        _, guider = foi_dit.sample_foi_dit(model, positive, negative, latent, 0, steps, "euler", "simple", 1.0,
-                                           foi_dit.FoIDiTConfig(s_T=cfg if cfg != 1.5 else 1.0))
+        out, guider = foi_dit.sample_foi_dit(model, positive, negative, latent, 0, steps, "euler", "simple", 1.0,
+                                             foi_dit.FoIDiTConfig(s_T=cfg if cfg != 1.5 else 1.0))
         evaluations["FoI"] = (guider.evaluations, dict(guider.state.stats))
+        return out
 
-    variants, cpu = cpu_timed({"same evaluations, no FoI": plain, "FoI": foi})
-    medians, runs = interleaved(variants, repeats)
+    return {"same evaluations, no FoI": plain, "FoI": foi}, evaluations
+
+
+def bench(title, model, positive, negative, size, steps, cfg, repeats, five_d=False):
+    runs, evaluations = variants(model, positive, negative, size, steps, cfg, five_d)
+    timed, cpu = cpu_timed(runs)
+    medians, runs = interleaved(timed, repeats)
     report(f"{title}, {size} px, {steps} steps", medians, "same evaluations, no FoI", target=1.10)
     for name, values in runs.items():
         print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")

@@ -19,6 +19,26 @@ SAMPLER, SCHEDULER = "lms", "normal"  # the official LMS schedule
 PROMPT = "a photo of a raccoon"
 
 
+def variants(model, positive, negative, source, steps, copies=COPIES, strength=STRENGTH, cfg=CFG,
+             sampler=SAMPLER, scheduler=SCHEDULER):
+    """{name: run} of img2img KSampler on `copies` copies of `source` and InstDiffEdit on the same
+    schedule (also tests/device/run.py); each returns its result. Returns (variants, sigmas)."""
+    sigmas = instdiffedit.edit_schedule(model, steps, sampler, scheduler, strength)
+    batch = {"samples": source.repeat(copies, *([1] * (source.dim() - 1)))}
+
+    def plain():
+        # img2img on the same batch of copies, same sigmas (explicit), same sampler
+        return common.ksample(model, 0, steps, cfg, sampler, scheduler, positive, negative, batch, sigmas,
+                              callback=lambda *a: None)
+
+    def edit():
+        return instdiffedit.sample_instdiffedit(model, positive, negative, {"samples": source}, 0, steps=steps,
+                                                strength=strength, cfg=cfg, sampler_name=sampler,
+                                                scheduler=scheduler, copies=copies, callback=lambda *a: None)
+
+    return {"img2img KSampler": plain, "InstDiffEdit": edit}, sigmas
+
+
 def run(args, model, sizes=None):
     context_dim = model.model.model_config.unet_config["context_dim"]
     positive = random_conditioning(PROMPT, dim=context_dim, seed=1)
@@ -29,21 +49,8 @@ def run(args, model, sizes=None):
             continue
         steps = int(round(denoising_steps / STRENGTH))
         source = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-        sigmas = instdiffedit.edit_schedule(model, steps, SAMPLER, SCHEDULER, STRENGTH)
-        copies = {"samples": source.repeat(COPIES, 1, 1, 1)}
-
-        def plain():
-            # img2img on the same batch of copies, same sigmas (explicit), same sampler
-            common.ksample(model, 0, steps, CFG, SAMPLER, SCHEDULER, positive, negative, copies, sigmas,
-                           callback=lambda *a: None)
-
-        def edit():
-            instdiffedit.sample_instdiffedit(model, positive, negative, {"samples": source}, 0, steps=steps,
-                                             strength=STRENGTH, cfg=CFG, sampler_name=SAMPLER,
-                                             scheduler=SCHEDULER, copies=COPIES,
-                                             callback=lambda *a: None)
-
-        medians, _ = interleaved({"img2img KSampler": plain, "InstDiffEdit": edit}, args.repeats)
+        runs, sigmas = variants(model, positive, negative, source, steps)
+        medians, _ = interleaved(runs, args.repeats)
         report(f"InstDiffEdit, SD1.5 {size} px, {len(sigmas) - 1} of {steps} steps (strength "
                f"{STRENGTH}), batch {COPIES} copies, CFG {CFG}, {SAMPLER}", medians,
                "img2img KSampler", target=1.10)

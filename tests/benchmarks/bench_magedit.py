@@ -48,13 +48,14 @@ def _glibc():
 
 
 class PeakMemory:
-    """Peak extra memory (bytes) while the block runs."""
+    """Peak extra memory (bytes) while the block runs (`peak`), and the absolute peak (`total`:
+    everything allocated on the GPU, weights included, or the process RSS)."""
 
     libc = None
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
-        self.peak = 0
+        self.peak = self.total = 0
         if not self.cuda and PeakMemory.libc is None:
             PeakMemory.libc = _glibc() or False
 
@@ -86,35 +87,47 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
+            self.total = torch.cuda.max_memory_allocated()
         else:
             self.running = False
             self.thread.join()
-            self.peak = max(self.high, self.process.memory_info().rss) - self.start
+            self.total = max(self.high, self.process.memory_info().rss)
+        self.peak = self.total - self.start
         return False
 
 
-def _synthetic_inversion(model, source, negative, steps):
+def _synthetic_inversion(model, source, negative, steps, size=SIZE):
     """An INVERSION of random latents for this model (timing needs no real image)."""
     timesteps, sigmas = inversion_mod.ddim_schedule(model.get_model_object("model_sampling"), steps)
     generator = torch.Generator().manual_seed(0)
-    trajectory = torch.stack([torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=generator) * (1 + s)
+    trajectory = torch.stack([torch.randn(1, 4, size // 8, size // 8, generator=generator) * (1 + s)
                               for s in sigmas])
     return inversion_mod.Inversion(trajectory=trajectory, timesteps=timesteps, sigmas=sigmas, null_embeddings=None,
                                    positive=source, negative=negative, cfg=7.5,
                                    fingerprint=inversion_mod.model_fingerprint(model))
 
 
-def run(args, model):
+def inputs(model, size=SIZE, steps=None):
+    """(source, target, negative, mask, inversion) for MAG-Edit on `model` at `size` px: random
+    annotated prompts and a synthetic inversion of `steps` steps (default: the official 50)."""
     context_dim = model.model.model_config.unet_config["context_dim"]
     source = random_conditioning(SOURCE, dim=context_dim, seed=1)
     target = random_conditioning(TARGET, dim=context_dim, seed=2)
     negative = random_conditioning(dim=context_dim, seed=3)
+    inversion = _synthetic_inversion(model, source, negative, steps or magedit.MagEditConfig().steps, size)
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    return source, target, negative, mask, inversion
+
+
+def measure(model, size=SIZE, repeats=3, step=0):
+    """Time (medians) and peak memory of each variant at step `step`, interleaved in one MAG-Edit
+    sampling run (also tests/device/run.py). Returns {"medians", "peaks" (extra bytes), "totals"
+    (absolute bytes), "losses", "device" (its type), "iteration" (seconds of one of our iterations, the reconstruction
+    pass's share included), "iterations"}."""
+    source, target, negative, mask, inversion = inputs(model, size)
     config = magedit.MagEditConfig()
-    inversion = _synthetic_inversion(model, source, negative, config.steps)
-    mask = torch.zeros(1, SIZE, SIZE)
-    mask[:, SIZE // 4: 3 * SIZE // 4, SIZE // 4: 3 * SIZE // 4] = 1.0
-    step = 0
+    found = {}
 
     def body(editor):
         import comfy.samplers
@@ -144,11 +157,12 @@ def run(args, model):
                     "reconstruction pass": reconstruction_pass, "MAG-Edit iteration": ours}
         times = {name: [] for name in variants}
         peaks = {name: 0 for name in variants}
+        totals = {name: 0 for name in variants}
         losses = {}
         with torch.inference_mode(False), torch.enable_grad():
             editor.record_reconstruction(step, x, early_stop=False)
             ours()  # warm-up (and the old-host in-place check of samplers/grad.py)
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 for name, fn in variants.items():
                     if name == "MAG-Edit iteration":
                         editor.record_reconstruction(step, x)  # what the iteration reads (not timed)
@@ -159,29 +173,39 @@ def run(args, model):
                             torch.cuda.synchronize()
                         times[name].append(time.perf_counter() - start)
                     peaks[name] = max(peaks[name], memory.peak)
+                    totals[name] = max(totals[name], memory.total)
                     if result is not None:
                         losses[name] = float(result.sum())
         medians = {name: statistics.median(values) for name, values in times.items()}
-        per_iteration = medians["MAG-Edit iteration"] + medians["reconstruction pass"] / config.iterations
-        shown = {"full forward+backward": medians["full forward+backward"], "MAG-Edit iteration": per_iteration}
-        report(f"MAG-Edit optimisation iteration, SD1.5 {SIZE} px, batch 1, step {step} of {config.steps}",
-               shown, "full forward+backward", target=0.7)
-        base = medians["full forward+backward"]
-        print(f"  (MAG-Edit iteration = early-stopped editing forward + backward "
-              f"{medians['MAG-Edit iteration']:.2f} s + 1/{config.iterations} of the reconstruction pass "
-              f"{medians['reconstruction pass']:.2f} s)")
-        print(f"  official iteration (full rec. forward + full editing forward + backward): "
-              f"{medians['official iteration']:.2f} s   {medians['official iteration'] / base:5.3f}x")
-        print(f"  loss: official {losses.get('official iteration'):.6f}, ours {losses.get('MAG-Edit iteration'):.6f}")
-        official_step = config.iterations * medians["official iteration"]
-        our_step = medians["reconstruction pass"] + config.iterations * medians["MAG-Edit iteration"]
-        print(f"  one optimised step ({config.iterations} iterations): official {official_step:.1f} s, "
-              f"ours {our_step:.1f} s ({our_step / official_step:.3f}x)")
-        unit = "CUDA allocated" if device.type == "cuda" else "RSS"
-        print(f"\n## peak extra memory ({unit}), largest over repeats")
-        for name, peak in peaks.items():
-            print(f"  {name:<28} {peak / 2 ** 20:9.1f} MiB")
+        found.update(device=device.type, medians=medians, peaks=peaks, totals=totals, losses=losses,
+                     iterations=config.iterations,
+                     iteration=medians["MAG-Edit iteration"] + medians["reconstruction pass"] / config.iterations)
         return torch.cat([x, x])
 
     with torch.inference_mode():
         magedit.with_editor(model, inversion, source, target, negative, mask, "red", config, body)
+    return found
+
+
+def run(args, model):
+    step, iterations = 0, magedit.MagEditConfig().iterations
+    found = measure(model, SIZE, args.repeats, step)
+    medians, losses, peaks = found["medians"], found["losses"], found["peaks"]
+    shown = {"full forward+backward": medians["full forward+backward"], "MAG-Edit iteration": found["iteration"]}
+    report(f"MAG-Edit optimisation iteration, SD1.5 {SIZE} px, batch 1, step {step} of "
+           f"{magedit.MagEditConfig().steps}", shown, "full forward+backward", target=0.7)
+    base = medians["full forward+backward"]
+    print(f"  (MAG-Edit iteration = early-stopped editing forward + backward "
+          f"{medians['MAG-Edit iteration']:.2f} s + 1/{iterations} of the reconstruction pass "
+          f"{medians['reconstruction pass']:.2f} s)")
+    print(f"  official iteration (full rec. forward + full editing forward + backward): "
+          f"{medians['official iteration']:.2f} s   {medians['official iteration'] / base:5.3f}x")
+    print(f"  loss: official {losses.get('official iteration'):.6f}, ours {losses.get('MAG-Edit iteration'):.6f}")
+    official_step = iterations * medians["official iteration"]
+    our_step = medians["reconstruction pass"] + iterations * medians["MAG-Edit iteration"]
+    print(f"  one optimised step ({iterations} iterations): official {official_step:.1f} s, "
+          f"ours {our_step:.1f} s ({our_step / official_step:.3f}x)")
+    unit = "CUDA allocated" if found["device"] == "cuda" else "RSS"
+    print(f"\n## peak extra memory ({unit}), largest over repeats")
+    for name, peak in peaks.items():
+        print(f"  {name:<28} {peak / 2 ** 20:9.1f} MiB")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: 
 from ae_testlib.pack import PACK_ROOT, register_pack  # noqa: E402
 
 register_pack()
-from e2e import browser, server  # noqa: E402
+from e2e import browser, models, server  # noqa: E402
 
 WIDTH = 600
 RENDER_WIDTH = 2400  # px of the browser window: the graph is drawn near 1:1, then scaled down
@@ -47,6 +47,18 @@ def render(frontend, name):
     return out
 
 
+def install_named_files(names, base):
+    """The files the workflows name: input images for real, models as empty placeholders (newer
+    frontends outline a loader whose model file the server lacks in red)."""
+    import json
+
+    named = set().union(*(models.files_named(json.loads((PACK_ROOT / "workflows" / f"{name}.json").read_text()))
+                          for name in names))
+    inputs = {name for name in named if models.BUILDERS.get(name, ("",))[0] == "input"}
+    models.install(inputs, base)
+    models.install_placeholders(named - inputs, base)
+
+
 def screenshot_template_browser(frontend, path):
     frontend.command("Comfy.BrowseTemplates")
     frontend.page.get_by_text(server.PACK_FOLDER, exact=True).first.click()
@@ -68,6 +80,7 @@ def main():
     names = args.names or sorted(p.stem for p in (PACK_ROOT / "workflows").glob("*.json"))
     with tempfile.TemporaryDirectory(prefix="attention-edit-thumbnails-") as base:
         comfy = server.Server(comfyui, base, settings=SETTINGS)
+        install_named_files(names, base)
         try:
             comfy.start()
             with browser.Frontend(comfy.url) as frontend:

@@ -194,7 +194,7 @@ def not_runnable(workflow):
 
 
 # Where a loader node may list a placeholder from (ComfyUI's model folders, by the loaders' inputs).
-PLACEHOLDER_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "clip_vision", "loras")
+PLACEHOLDER_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "clip_vision", "loras", "controlnet")
 
 
 def install_placeholders(names, base_directory):

@@ -1,0 +1,127 @@
+"""InstDiffEdit on DiTs: which start map finds a planted word (docs/instdiffedit.md, "DiT models").
+
+Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image 60), weight
+seeds 0..N-1, conditioning from ComfyUI's own tokenizers and text-encoder classes (tiny random
+encoders, ae_testlib.dit_text), a 24 x 34 latent (12 x 17 tokens), batch 2 with a different
+region per image, "cat" planted on it by a logit bias (`bias`, the attention-mask argument) or
+by editing q and k (`qk`), +beta logits. 3 copies, 4 of 8 euler steps, cfg 1. For each start-map
+candidate: right object-word picks out of (seeds x 2 images) and the final mask's IoU with the
+region at latent size (min / mean).
+
+    python tests/benchmarks/measure_instdiffedit_dit.py --family sd3 --seeds 4 --betas 2,4,8
+    python tests/benchmarks/measure_instdiffedit_dit.py --family flux --words 125 --candidates end
+"""
+import argparse
+import statistics
+
+import torch
+
+from common import pack_module, setup
+
+PROMPT = "a photo of a cat on grass"
+FILLER = "with some more words about the weather on a quiet day in the old town and"
+HEIGHT, WIDTH, COPIES = 24, 34, 3
+
+
+def long_prompt(words):
+    """PROMPT followed by filler words up to `words` words (item 3 of issue 21: long prompts)."""
+    filler = (FILLER.split() * (words // len(FILLER.split()) + 1))
+    extra = max(0, words - len(PROMPT.split()))
+    return " ".join(PROMPT.split() + filler[:extra])
+
+
+def candidates(tokens):
+    """Start-map candidates: token columns standing in for CLIP's start token."""
+    worded = {p for word in tokens.words for p in word.positions}
+    last = max(worded)
+    return {
+        "start": [i for i, s in enumerate(tokens.token_strings) if s == "<start>"][:1],
+        "end": [i for i in range(last + 1, tokens.n_tokens) if i not in worded],
+        "noword": [i for i in range(tokens.n_tokens) if i not in worded],
+    }
+
+
+def encoded(clip, text, tokens_mod, tokens):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    extra = {"pooled_output": pooled}
+    if tokens is not None:
+        extra[tokens_mod.ANNOTATION_KEY] = tokens
+    return [[cond, extra]]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen"))
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--betas", default="2,4,8")
+    parser.add_argument("--modes", default="bias,qk")
+    parser.add_argument("--candidates", default="start,end,noword")
+    parser.add_argument("--words", type=int, default=0, help="lengthen the prompt to this many words")
+    parser.add_argument("--noise", default="0", help="per-token logit noise std(s), dit_plant.plant")
+    parser.add_argument("--shallow", action="store_true", help="2 blocks instead of the real count")
+    args = parser.parse_args()
+    setup()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    from ae_testlib import dit_host, dit_plant, dit_text
+
+    ide = pack_module("samplers.instdiffedit")
+    capture_mod = pack_module("samplers.instdiffedit_capture")
+    tokens_mod = pack_module("attention.tokens")
+    encoder = {"qwen": "qwen_image"}.get(args.family, args.family)
+    clip = dit_text.build_dit_clip(encoder)
+    text = long_prompt(args.words) if args.words else PROMPT
+    tokens = tokens_mod.prompt_tokens(clip, text)
+    with torch.inference_mode():
+        positive = encoded(clip, text, tokens_mod, tokens)
+        negative = encoded(clip, "", tokens_mod, None)
+    cat = [tokens_mod.normalise_word(w.text) for w in tokens.words].index("cat") + 1
+    columns = candidates(tokens)
+    print(f"{args.family}: {tokens.n_tokens} text tokens, {len(tokens.words)} words; start-map columns "
+          + ", ".join(f"{name} {len(cols)}" for name, cols in columns.items()))
+    grid = ((HEIGHT + 1) // 2, (WIDTH + 1) // 2)
+    regions = torch.stack([dit_plant.region_mask(grid, slice(2, 8), slice(3, 9)),
+                           dit_plant.region_mask(grid, slice(5, 11), slice(grid[1] // 2 - 1, grid[1] - 2))])
+    expected = regions.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :HEIGHT, :WIDTH]
+    source = {"samples": torch.randn(2, 16, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(0))}
+    if args.family == "qwen":
+        source = {"samples": source["samples"][:, :, None]}
+    width = positive[0][0].shape[-1]
+    pooled = positive[0][1]["pooled_output"]
+    original = capture_mod.start_columns
+    results = {}
+    for seed in range(args.seeds):
+        model = dit_host.build(args.family, seed, real_depth=not args.shallow, context_dim=width,
+                               pooled_dim=None if pooled is None else pooled.shape[-1])
+        for mode in args.modes.split(","):
+            for beta, noise in ((float(b), float(n)) for b in args.betas.split(",") for n in args.noise.split(",")):
+                planted = dit_plant.plant(model, regions.repeat_interleave(COPIES, 0), tokens.positions("cat"),
+                                          beta=beta, mode=mode, noise=noise, noise_seed=seed)
+                for name in args.candidates.split(","):
+                    capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns[name])
+                    try:
+                        with torch.inference_mode():
+                            result = ide.sample_instdiffedit(planted, positive, negative, source, 1, steps=8,
+                                                             strength=0.5, cfg=1.0, sampler_name="euler",
+                                                             scheduler="normal", copies=COPIES)
+                    finally:
+                        capture_mod.start_columns = original
+                    row = results.setdefault((mode, noise, beta, name), [])
+                    for image in range(2):
+                        row.append((int(result.index[image]) == cat,
+                                    dit_plant.iou(result.mask[image], expected[image])))
+        print(f"seeds 0-{seed}:", flush=True)
+        report(results, 2 * (seed + 1))
+
+
+def report(results, n):
+    print("| planting | noise | beta | start map | word | IoU min / mean |")
+    for (mode, noise, beta, name), row in sorted(results.items()):
+        ious = [iou for _, iou in row]
+        print(f"| {mode} | {noise:g} | {beta:g} | {name} | {sum(w for w, _ in row)}/{n} | "
+              f"{min(ious):.2f} / {statistics.mean(ious):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
