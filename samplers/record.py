@@ -19,12 +19,12 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
                      normalise="text"):
     """Sample like KSampler on a patched clone; return (LATENT, ATTENTION_MAPS)."""
     check_sampling(steps, cfg, denoise)
-    check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
+    samples = check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
     recorder = make_recorder(patched, branch, recorded_length(prompt), level, parts, dit_blocks, normalise)
-    recorder.install(patched, latent["samples"].shape[-2:], sigmas)
+    recorder.install(patched, samples.shape[-2:], sigmas)  # the latent sampled (an empty one may be resized)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,
                   denoise=denoise)
     return out, recorder.maps(annotation_of(prompt), no_words_reason(prompt, prompt_name))
