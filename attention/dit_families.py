@@ -92,7 +92,7 @@ def require_family(model_patcher):
                 f"pack reads patch-{PATCH} token grids). They support SD1.x, SD2.x and SDXL UNets and the DiT "
                 f"models {SUPPORTED}.")
         raise TypeError(
-            f"attention recording does not support this model ({kind.__name__}); it supports SD1.x, SD2.x and "
+            f"attention recording, InstDiffEdit and FoI do not support this model ({kind.__name__}); they support SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."
         )
     require_attention_override()

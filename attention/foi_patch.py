@@ -162,7 +162,7 @@ UNET_EMPTY_HINT = "Try a lower tau or gamma."
 # docs/foi.md, "The blur": a lower tau inside the paper's 0.4-0.7 changes little after Eq. 2's
 # 8th power; a lower gamma keeps more of a moderately peaked map, a larger upsample keeps a
 # region one token wide.
-DIT_EMPTY_HINT = ("Lower gamma (1 or 2) keeps more of a weakly peaked map; raise mask_upsample (8 or more) "
+DIT_EMPTY_HINT = ("Lower gamma (1 or 2) keeps more of a weakly peaked map; raise mask_upsample above 8 (up to 16) "
                   "if the keyword's region is one token wide; a lower tau helps little.")
 
 

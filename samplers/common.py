@@ -25,11 +25,14 @@ def check_sampling(steps, cfg=None, denoise=None):
 
 
 def refuse_dit(model, method):
-    """A clear error for a method that runs on UNets only, when `model` is a DiT."""
-    family = family_of(model)
-    if family is not None:
+    """A clear error for a method that runs on UNets only, when `model` is a DiT (any: Flux.2 and
+    families the pack does not read as well; structure, not family_of, decides)."""
+    diffusion_model = model.model.diffusion_model
+    if not hasattr(diffusion_model, "input_blocks"):
+        family = family_of(model)
+        name = family.name if family is not None else type(diffusion_model).__name__
         raise TypeError(
-            f"{method} does not support {family.name} (a DiT model) yet: it works on SD1.x, SD2.x and "
+            f"{method} does not support {name} (a DiT model) yet: it works on SD1.x, SD2.x and "
             "SDXL UNets. On DiT models use InstDiffEdit (Flux, SD3, Qwen-Image) or FoI "
             "(Qwen-Image-Edit, Flux Kontext), or load a UNet checkpoint for this node.")
 

@@ -97,14 +97,15 @@ def require_ip2p(model_patcher):
     is_ip2p = any(cls.__name__ == "IP2P" for cls in type(base).__mro__) or hasattr(base, "process_ip2p_image_in")
     if is_ip2p:
         return
-    family = family_of(model_patcher)
-    if family is not None:  # a DiT: its in_channels count patchified pixels, not latent channels
+    unet = getattr(base, "diffusion_model", None)
+    if not hasattr(unet, "input_blocks"):  # a DiT: its in_channels count patchified pixels, not latent channels
+        family = family_of(model_patcher)
+        name = family.name if family is not None else type(unet).__name__
         raise ValueError(
-            f"FoI Sampler / FoI Guider take InstructPix2Pix UNets; this model is {family.name} (a DiT). "
+            f"FoI Sampler / FoI Guider take InstructPix2Pix UNets; this model is {name} (a DiT). "
             "For Flux Kontext and Qwen-Image-Edit use 'FoI Sampler (Kontext / Qwen-Image-Edit)' or "
             "'FoI Guider (Kontext / Qwen-Image-Edit)' with 'Instruction Text Encode' (+ ReferenceLatent) "
             "or 'Instruction Text Encode (Qwen-Image-Edit)'.")
-    unet = getattr(base, "diffusion_model", None)
     channels = getattr(unet, "in_channels", "?")
     raise ValueError(
         f"FoI needs an InstructPix2Pix model, whose UNet also takes the source image (8 input "

@@ -22,12 +22,13 @@ def sample_recording(model, seed, steps, cfg, sampler_name, scheduler, positive,
     force_full_denoise); previous: ATTENTION_MAPS of an earlier sampler of this latent to continue
     (Wan 2.2 14B: the high-noise expert's stage, then the low-noise one's)."""
     check_sampling(steps, cfg, denoise)
-    check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
+    samples = check_latent(model, latent_samples(model, latent), "latent_image", noise_mask=latent.get("noise_mask"))
     prompt, prompt_name = (positive, "positive") if branch == "cond" else (negative, "negative")
     patched = model.clone()
     sigmas = schedule(patched, steps, sampler_name, scheduler, denoise)
     recorder = make_recorder(patched, branch, recorded_length(prompt), level, parts, dit_blocks, normalise)
-    recorder.install(patched, latent["samples"].shape[2:], sigmas)  # (H, W); (F, H, W) with a frame axis
+    # the latent sampled (an empty one may be resized): (H, W), or (F, H, W) with a frame axis
+    recorder.install(patched, samples.shape[2:], sigmas)
     if previous is not None:
         recorder.continue_from(previous)
     out = ksample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, sigmas,

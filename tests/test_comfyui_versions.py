@@ -4,6 +4,8 @@ the ones that need a node or model code only the newer host has say so (host.req
 0.3.64 they skip with that reason.
 
 Tiny random-weight DiT models from ComfyUI's own classes (ae_testlib.dit_host), sampled on CPU."""
+import re
+
 import pytest
 import torch
 
@@ -147,6 +149,12 @@ def test_flux2_is_refused_naming_it():
         rec.recording(model, positive, negative, latent)
     with pytest.raises(TypeError, match="Flux.2"):
         foi_dit.FoIDiTGuider(model)
+    # the UNet-only methods decide by structure: Flux.2 is a DiT they refuse, not a UNet
+    for method in ("MAG-Edit", "Inversion (DDIM / null-text)"):
+        with pytest.raises(TypeError, match=rf"{re.escape(method)} does not support Flux \(a DiT model\)"):
+            common.refuse_dit(model, method)
+    with pytest.raises(ValueError, match=r"this model is Flux \(a DiT\).*FoI Sampler \(Kontext"):
+        pack_module("samplers.foi").require_ip2p(model)
 
 
 # ------------------------------------------------------------------ NAG (core NAGuidance)

@@ -11,8 +11,6 @@ import re
 import subprocess
 import sys
 
-from ae_testlib import dit_host, host
-
 RUN = pathlib.Path(__file__).resolve().parent / "device" / "run.py"
 # The summary figures (and SDXL's recording), each a computed, finite number.
 UNET_FIGURES = ("record_sd15", "record_sdxl", "instdiffedit", "foi", "mag_iter", "mag_peak_gb")
@@ -27,23 +25,18 @@ def test_cpu_smoke_run(tmp_path):
     tail = result.stdout[-6000:] + result.stderr[-3000:]
     assert result.returncode == 0, tail
 
-    dit = not host.missing_reason(dit_host.DIT_FEATURES)
     summary = result.stdout.strip().splitlines()[-1]
     pattern = " ".join(rf"{name}=\d+\.\d+" for name in ("record_sd15", "record_sdxl", "record_flux", "instdiffedit",
                                                           "foi", "foi_dit", "mag_iter", "mag_peak_gb"))
-    if not dit:  # a host without ComfyUI's DiT models: those figures are skipped, with the reason
-        pattern = pattern.replace(r"record_flux=\d+\.\d+", "record_flux=missing").replace(
-            r"foi_dit=\d+\.\d+", "foi_dit=missing")
     assert re.fullmatch(pattern + " parity=ok", summary), summary
 
     report = json.loads(out.read_text())
     assert report["mode"] == "cpu-smoke" and report["parity"] == "ok" and not report["errors"], report["errors"]
     figures = report["figures"]
-    wanted = [name + suffix for name in UNET_FIGURES + (DIT_FIGURES if dit else ())
+    wanted = [name + suffix for name in UNET_FIGURES + DIT_FIGURES
               if name not in ("mag_iter", "mag_peak_gb") for suffix in PER_COMPARISON]
     wanted += ["mag_iter", "mag_iter_s", "mag_iter_base_s", "mag_peak_gb", "mag_iter_peak_gb"]
-    if dit:
-        wanted += [f"record_{family}" for family in ("chroma", "sd3", "qwen")]
+    wanted += [f"record_{family}" for family in ("chroma", "sd3", "qwen")]
     missing = [name for name in wanted if name not in figures]
     assert not missing, f"figures missing from the JSON: {missing}"
     assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in figures.values()), figures
@@ -54,10 +47,8 @@ def test_cpu_smoke_run(tmp_path):
     expected_checks = ["node_record", "node_instdiffedit", "node_foi", "node_inversion", "node_mag_edit",
                        "no_nan_float16", "no_nan_bfloat16", "pure_tensor", "record_identical_tiny",
                        "record_sd15_identical", "record_sdxl_identical", "real_sd15", "real_sdxl", "detected_sd15",
-                       "detected_sdxl", "same_weights"]
-    if dit:
-        expected_checks += ["node_record_flux", "node_instdiffedit_flux", "node_foi_dit",
-                            "record_flux_identical_tiny", "record_flux_identical", "real_flux", "real_qwen"]
+                       "detected_sdxl", "same_weights", "node_record_flux", "node_instdiffedit_flux", "node_foi_dit",
+                       "record_flux_identical_tiny", "record_flux_identical", "real_flux", "real_qwen"]
     assert not [name for name in expected_checks if name not in checks], sorted(checks)
     # one printed line per figure and per check
     for name in figures:

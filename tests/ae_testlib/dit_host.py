@@ -162,12 +162,13 @@ REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blo
               "qwen": {"num_layers": 60}}
 
 
-def _text_widths(family, config, context_dim, pooled_dim):
+def _text_widths(family, detected, config, context_dim, pooled_dim):
     """Set the widths of the conditioning the model takes (a real text encoder's, e.g. SD3's 4096)."""
     if context_dim is not None:
-        if family == "sd3":
-            config["context_embedder_config"] = {
-                "target": "torch.nn.Linear", "params": {"in_features": context_dim, "out_features": 128}}
+        if family == "sd3":  # the model's width stays what detection read
+            width = detected["context_embedder_config"]["params"]["out_features"]
+            config["context_embedder_config"] = {"target": "torch.nn.Linear",
+                                                 "params": {"in_features": context_dim, "out_features": width}}
         else:
             config[{"qwen": "joint_attention_dim"}.get(family, "context_in_dim")] = context_dim
     if pooled_dim is not None:
@@ -199,7 +200,8 @@ def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None
     require_dit_host()
     import comfy.model_patcher
 
-    overrides = _text_widths(family, dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
+    overrides = _text_widths(family, detected_config(family, size, variant),
+                             dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
     model_config = supported_config(family, size, variant, overrides)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)

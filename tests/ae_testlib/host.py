@@ -262,6 +262,7 @@ def build_model(family="sd15", ip2p=False, seed=0, size="tiny", on_device=False,
     (or `dtype`, computed in it), unless on_device: built as ComfyUI loads a checkpoint on its
     device (`on_comfy_device`).
     """
+    import_host()
     import comfy.model_base
     import comfy.model_patcher
 
