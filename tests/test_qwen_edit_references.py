@@ -122,3 +122,48 @@ def test_foi_with_several_reference_images(variant, n_refs, seed):
     print(f"foi iou variant={variant or '2509'} refs={n_refs} seed={seed}: {ious}")
     assert min(ious) >= 0.8, ious
     assert guider.state.stats["modulated"] > 0 and guider.state.stats["skipped"] == 0
+
+
+def test_plus_encode_nodes_with_two_images_end_to_end():
+    """The Plus encode nodes on Qwen-Image's real tokenizer (tiny Qwen2.5-VL) with two images of
+    different sizes, each image's reference latent added as its VAE would: KSampler (Record
+    Attention) -> Attention Mask finds the word planted on its region past both images' vision
+    tokens, and FoI's keyword mask is its region; the reference tokens stay keys."""
+    from ae_testlib import dit_text
+
+    dit_text.require_dit_clip("qwen_image")
+    clip = dit_text.build_dit_clip("qwen_image")
+    nodes_encode, nodes_foi = pack_module("nodes.encode"), pack_module("nodes.foi")
+    tokens_mod = pack_module("attention.tokens")
+    generator = torch.Generator().manual_seed(0)
+    images = {"image1": torch.rand(1, 300, 500, 3, generator=generator),
+              "image2": torch.rand(1, 256, 200, 3, generator=generator)}
+    refs = {"reference_latents": references(2)}
+    add = lambda conds: [[c, {**d, **refs}] for c, d in conds]  # noqa: E731
+    grid = families.token_grid(LATENT_HW)
+    region = regions(grid)
+    latent = dit_host.latent("qwen", 2, *LATENT_HW)
+    with torch.inference_mode():
+        positive = add(nodes_encode.AttentionTextEncodeQwenImageEditPlus().run(clip, "a cat on grass", **images)[0])
+        negative = add(nodes_encode.AttentionTextEncodeQwenImageEditPlus().run(clip, "", **images)[0])
+        instruction, null = nodes_foi.InstructionTextEncodeQwenImageEditPlus().run(clip, "put a *hat* on the dog",
+                                                                                   **images)
+    cat = tokens_mod.tokens_of(positive).positions("cat")
+    assert len([part for part in tokens_mod.tokens_of(positive).parts if part[0] == "vision"]) == 2
+    planted = dit_plant.plant(dit_host.model("qwen"), region, cat, beta=8.0, branches=(0,))
+    _, maps = rec.recording(planted, positive, negative, latent, dit_blocks="all")
+    assert maps.probs.shape[:3] == (2, *grid)
+    mask = record_nodes.AttentionMask().run(maps, "cat", record_nodes.DEFAULT_BLUR,
+                                            record_nodes.DEFAULT_THRESHOLD, "union")[0]
+    pixels = region.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    assert min(dit_plant.iou(mask[b] > 0.5, pixels[b]) for b in range(2)) >= 0.9
+
+    instruction, null = add(instruction), add(null)
+    hat = instructions_mod.instructions_of(instruction).keyword_positions[0]
+    # +12: at +8 the random encoder's ~400 vision-token keys compete unevenly inside the region
+    # and Eq. 2 keeps only its top tokens (IoU 0.31, one image or two alike; docs/foi.md)
+    planted = dit_plant.plant(dit_host.model("qwen"), region, hat, beta=12.0,
+                              branches=(foi.INSTRUCTION["qwen_edit"],))
+    _, guider = foi.run(planted, instruction, null, latent, foi_dit.FoIDiTConfig(mask_blocks="all"), steps=2)
+    assert min(dit_plant.iou(guider.masks[b, 0] > 0.5, region[b]) for b in range(2)) >= 0.8
+    assert guider.state.stats["modulated"] > 0 and guider.state.stats["skipped"] == 0
