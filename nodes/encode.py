@@ -136,8 +136,9 @@ class AttentionTextEncodeQwenImageEditPlus:
             raise RuntimeError(f"{name} needs a ComfyUI with Qwen-Image-Edit 2509 support "
                                f"(comfy_extras.nodes_qwen.TextEncodeQwenImageEditPlus): {error}") from error
         images = [(i, image) for i, image in enumerate((image1, image2, image3)) if image is not None]
-        # the node builds its template and "Picture i: ..." text inside execute(): copied here and
-        # checked token by token against ComfyUI's tokenization, so an upstream change fails loudly
+        # the node builds its template and "Picture i: ..." text inside execute(), so they are copied
+        # here; check_layout refuses a token count that differs from its conditioning's, and
+        # tests/test_dit_tokens.py compares the two nodes' conditioning bit for bit on each host
         preamble = "".join(PLUS_PICTURE.format(i + 1) for i, _ in images)
         tokens = qwen_prompt_tokens(clip, prompt, [image for _, image in images],
                                     vision_tokens=plus_vision_counts([image for _, image in images]),
