@@ -372,11 +372,14 @@ def _qwen_template_end(ids):
     return end
 
 
-def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
+def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None, preamble=""):
     """PromptTokens of a Qwen-Image prompt. `images` as given to clip.tokenize (Qwen-Image-Edit:
     the template with <|vision_start|><|image_pad|><|vision_end|>); `vision_tokens`: how many
-    embeddings the vision encoder put in place of each <|image_pad|> (the caller measures them
-    on the conditioning; None counts the placeholder as one token)."""
+    embeddings the vision encoder put in place of each <|image_pad|>, one count or one per image
+    (the caller measures them; None counts each placeholder as one token). `template` /
+    `preamble`: what TextEncodeQwenImageEditPlus passes, its llama_template and the
+    "Picture i: <|vision_start|><|image_pad|><|vision_end|>" text before the prompt (template
+    text to us, not the user's words)."""
     from comfy import sd1_clip
 
     encoder = ENCODERS["qwen_image"][0]
@@ -387,18 +390,20 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
     tokenizer = clip.tokenizer
     sd_tokenizer = tokenizer.qwen25_7b
     images = list(images)
-    if text.startswith(("<|im_start|>", "<|start_header_id|>")):
+    given = {"llama_template": template} if template else {}  # tokenize as the caller's node does
+    if (preamble + text).startswith(("<|im_start|>", "<|start_header_id|>")):
         template = "{}"  # the user wrote the whole template; ComfyUI adds none
-    else:
+    elif template is None:
         template = tokenizer.llama_template_images if images else tokenizer.llama_template
     unescape = lambda s: sd1_clip.unescape_important(sd1_clip.escape_important(s))  # noqa: E731
     prefix, suffix = (unescape(s) for s in template.split("{}", 1))
+    prefix += unescape(preamble)
     body = unescape(text)
     full = prefix + body + suffix
     names = []
     ids, owners = _map_pieces(sd_tokenizer, _comfy_pieces(full, 1.0, len(prefix), len(prefix) + len(body)),
                               names, encoder)
-    tokenized = clip.tokenize(text, images=images)["qwen25_7b"]
+    tokenized = clip.tokenize(preamble + text, images=images, **given)["qwen25_7b"]
     comfy_tokens = [_plain_id(entry) for chunk in tokenized for entry in chunk]
     comfy_ids = [IMAGE_PAD if isinstance(t, dict) else t for t in comfy_tokens]
     _check_ids(ids, comfy_ids, owners, names, text, encoder)
@@ -407,10 +412,11 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None):
     hf = sd_tokenizer.tokenizer
     im_end = hf.convert_tokens_to_ids("<|im_end|>")
     strings, positions, parts, ends = [], [], [], []
+    counts = iter(vision_tokens if isinstance(vision_tokens, (list, tuple)) else [])
     for token in comfy_tokens[cut:]:
         positions.append(len(strings))
         if isinstance(token, dict):
-            count = 1 if vision_tokens is None else vision_tokens
+            count = vision_tokens if isinstance(vision_tokens, int) else next(counts, 1)
             parts.append(("vision", len(strings), len(strings) + count))
             strings += ["<image>"] * count
         else:

@@ -11,7 +11,7 @@ from ..masks.foi import DIT_MASK_UPSAMPLE, resize_mask, token_masks_to_latent
 from ..samplers.foi import START_MODES, FoIConfig, foi_guider, parse_alphas, sample_foi
 from ..samplers.foi_dit import NO_IMAGE_KEY, FoIDiTConfig, foi_dit_guider, sample_foi_dit
 from .common import CATEGORY, LATENT_TO_IMAGE
-from .encode import AttentionTextEncodeQwenImageEdit, encode
+from .encode import AttentionTextEncodeQwenImageEdit, AttentionTextEncodeQwenImageEditPlus, encode
 
 FOI_CATEGORY = f"{CATEGORY}/foi"
 
@@ -199,15 +199,40 @@ class InstructionTextEncodeQwenImageEdit:
                    "tokens. The empty prompt without the image rides along in null_instruction for FoI's "
                    "third branch (image_cfg != 1). Connect both to FoI Sampler (DiT) / FoI Guider (DiT).")
 
-    def run(self, clip, text, vae=None, image=None):
+    ENCODER = AttentionTextEncodeQwenImageEdit
+
+    def run(self, clip, text, vae=None, **images):
         split_instructions(text)  # syntax errors before any encoding
-        encoder = AttentionTextEncodeQwenImageEdit()
-        positive = encoder.run(clip, encoded_text(text), vae=vae, image=image)[0]
+        encoder = self.ENCODER()
+        positive = encoder.run(clip, encoded_text(text), vae=vae, **images)[0]
         instructions = instructions_from_tokens(text, tokens_of(positive))
-        null = encoder.run(clip, "", vae=vae, image=image)[0]
-        no_image = encode(clip, "")  # eps(z, 0_I, 0_T): neither the image's tokens nor its latent
+        null = encoder.run(clip, "", vae=vae, **images)[0]
+        # eps(z, 0_I, 0_T): the encoder's own empty prompt, neither the images' tokens nor latents
+        no_image = encoder.run(clip, "")[0]
         null = [[cond, {**options, NO_IMAGE_KEY: no_image}] for cond, options in null]
         return (annotate_instructions(positive, instructions), null)
+
+
+class InstructionTextEncodeQwenImageEditPlus(InstructionTextEncodeQwenImageEdit):
+    """Its Qwen-Image-Edit 2509 / 2511 form: TextEncodeQwenImageEditPlus's conditioning, up to three
+    images (each one's vision tokens in the prompt, each one a reference latent)."""
+
+    ENCODER = AttentionTextEncodeQwenImageEditPlus
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = InstructionTextEncodeQwenImageEdit.INPUT_TYPES()
+        vae = inputs["optional"]["vae"]
+        inputs["optional"] = {"vae": vae, **{
+            f"image{i}": ("IMAGE", {"tooltip": f"Reference image {i} (\"Picture {i}\" to the text encoder; "
+                                    "rescaled as TextEncodeQwenImageEditPlus does). The edited image is usually "
+                                    "image1."}) for i in (1, 2, 3)}}
+        return inputs
+
+    DESCRIPTION = ("TextEncodeQwenImageEditPlus (Qwen-Image-Edit 2509 / 2511, up to three images) for FoI: "
+                   "encodes the instruction (sub-instructions with *keywords*) and the empty instruction, both "
+                   "with the images, and records each sub-instruction's tokens. The keyword masks are on the "
+                   "generated image. Connect both to FoI Sampler (DiT) / FoI Guider (DiT).")
 
 
 def _dit_inputs():
@@ -328,6 +353,7 @@ NODE_CLASS_MAPPINGS = {
     "AttentionEditFoISampler": FoISampler,
     "AttentionEditFoIGuider": FoIGuiderNode,
     "AttentionEditInstructionEncodeQwenImageEdit": InstructionTextEncodeQwenImageEdit,
+    "AttentionEditInstructionEncodeQwenImageEditPlus": InstructionTextEncodeQwenImageEditPlus,
     "AttentionEditFoIDiTSampler": FoIDiTSampler,
     "AttentionEditFoIDiTGuider": FoIDiTGuiderNode,
 }
@@ -336,6 +362,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AttentionEditFoISampler": "FoI Sampler",
     "AttentionEditFoIGuider": "FoI Guider",
     "AttentionEditInstructionEncodeQwenImageEdit": "Instruction Text Encode (Qwen-Image-Edit)",
+    "AttentionEditInstructionEncodeQwenImageEditPlus": "Instruction Text Encode (Qwen-Image-Edit Plus)",
     "AttentionEditFoIDiTSampler": "FoI Sampler (Kontext / Qwen-Image-Edit)",
     "AttentionEditFoIDiTGuider": "FoI Guider (Kontext / Qwen-Image-Edit)",
 }

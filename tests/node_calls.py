@@ -99,6 +99,10 @@ def inputs(key, **changes):
     elif key == "AttentionEditTextEncodeQwenImageEdit":
         dit_text.require_dit_clip("qwen_image")
         base = {"clip": dit_text.build_dit_clip("qwen_image"), "prompt": "put a red hat on the dog"}
+    elif key == "AttentionEditTextEncodeQwenImageEditPlus":
+        dit_text.require_dit_clip("qwen_image")
+        base = {"clip": dit_text.build_dit_clip("qwen_image"), "prompt": "put a red hat on the dog",
+                "image1": torch.rand(1, 64, 96, 3), "image2": torch.rand(1, 80, 48, 3)}
     elif key == "AttentionEditInstructionEncode":
         base = {"clip": fixtures.clip("sd15"), "text": "put a *hat* on the dog"}
     elif key == "AttentionEditKSamplerRecord":
@@ -142,6 +146,10 @@ def inputs(key, **changes):
     elif key == "AttentionEditInstructionEncodeQwenImageEdit":
         dit_text.require_dit_clip("qwen_image")
         base = {"clip": dit_text.build_dit_clip("qwen_image"), "text": "put a *hat* on the dog"}
+    elif key == "AttentionEditInstructionEncodeQwenImageEditPlus":
+        dit_text.require_dit_clip("qwen_image")
+        base = {"clip": dit_text.build_dit_clip("qwen_image"), "text": "put a *hat* on the dog",
+                "image1": torch.rand(1, 64, 96, 3), "image2": torch.rand(1, 80, 48, 3)}
     elif key == "AttentionEditFoIDiTSampler":
         positive, negative = kontext_conds()
         base = {"model": dit_model("flux"), "positive": positive, "negative": negative,

@@ -259,3 +259,40 @@ def test_a_word_only_one_sd3_encoder_keeps(comfy_host):
         assert in_t5 == clip.tokenizer.t5xxl.tokenizer(word.text)["input_ids"][:-1]
         one_part += not (in_clip and in_t5)
     assert one_part >= 1 and {"a", "cat", "dog"} <= set(pt.word_list())
+
+
+@pytest.mark.parametrize("sizes", [[(400, 720)], [(400, 720), (512, 256)], [(400, 720), (512, 256), (300, 300)]],
+                         ids=["1-image", "2-images", "3-images"])
+def test_qwen_image_edit_plus_layout_with_several_images(comfy_host, sizes):
+    """Attention Text Encode (Qwen-Image-Edit Plus) equals TextEncodeQwenImageEditPlus bit for bit
+    with 1, 2 and 3 images of different sizes; each image's vision tokens sit where ComfyUI's own
+    accounting puts them, and the words follow the last image's "<|vision_end|>"."""
+    dit_text.require_dit_clip("qwen_image")
+    clip = clip_of("qwen_image")
+    generator = torch.Generator().manual_seed(0)
+    images = {f"image{i + 1}": torch.rand(1, h, w, 3, generator=generator) for i, (h, w) in enumerate(sizes)}
+    text = "make the cat (red:1.2)"
+    transformer = clip.cond_stage_model.qwen25_7b.transformer
+    preprocess, sizes_seen = transformer.preprocess_embed, []
+
+    def spy(embed, device):  # ComfyUI's own count of each image's vision embeddings
+        out = preprocess(embed, device)
+        sizes_seen.append(out[0].shape[-2])
+        return out
+
+    with torch.inference_mode():
+        ours = nodes.encode.AttentionTextEncodeQwenImageEditPlus().run(clip, text, **images)[0]
+        transformer.preprocess_embed = spy
+        try:
+            theirs = registry.core_nodes()["TextEncodeQwenImageEditPlus"].execute(clip, text, **images)[0]
+        finally:
+            del transformer.preprocess_embed
+    assert torch.equal(ours[0][0], theirs[0][0])
+    pt = tokens.tokens_of(ours)
+    assert pt.n_tokens == ours[0][0].shape[1] and pt.word_list() == ["make", "the", "cat", "(red:1.2)"]
+    vision = [(start, stop) for kind, start, stop in pt.parts if kind == "vision"]
+    assert len(vision) == len(sizes) and len({stop - start for start, stop in vision}) == len(sizes)
+    for start, stop in vision:
+        assert pt.token_strings[start - 1] == "<|vision_start|>" and pt.token_strings[stop] == "<|vision_end|>"
+    assert pt.token_strings[0] == "Picture" and pt.words[0].positions == (vision[-1][1] + 1,)
+    assert [stop - start for start, stop in vision] == sizes_seen

@@ -353,6 +353,32 @@ def test_qwen_image_edit_instruction_node():
     assert neither is no_image and "reference_latents" in null[0][1]
 
 
+def test_qwen_image_edit_plus_instruction_node():
+    """The Qwen-Image-Edit 2509 / 2511 form with two images of different sizes: the conditioning
+    is TextEncodeQwenImageEditPlus's, the words follow both images' vision tokens, the null has
+    both images and the third branch is the Plus encoder's empty prompt without images."""
+    from ae_testlib import dit_text, registry
+
+    dit_text.require_dit_clip("qwen_image")
+    nodes_foi = pack_module("nodes.foi")
+    clip = dit_text.build_dit_clip("qwen_image")
+    generator = torch.Generator().manual_seed(0)
+    images = {"image1": torch.rand(1, 300, 500, 3, generator=generator),
+              "image2": torch.rand(1, 256, 200, 3, generator=generator)}
+    with torch.inference_mode():
+        positive, negative = nodes_foi.InstructionTextEncodeQwenImageEditPlus().run(clip, "make the *cat* red",
+                                                                                  **images)
+        core = registry.core_nodes()["TextEncodeQwenImageEditPlus"]
+        assert torch.equal(positive[0][0], core.execute(clip, "make the cat red", **images)[0][0][0])
+        assert torch.equal(negative[0][0], core.execute(clip, "", **images)[0][0][0])
+        no_image = negative[0][1][foi_dit.NO_IMAGE_KEY]
+        assert torch.equal(no_image[0][0], core.execute(clip, "")[0][0][0])
+    inst = instructions_mod.instructions_of(positive)
+    vision = [(start, stop) for kind, start, stop in inst.tokens.parts if kind == "vision"]
+    assert len(vision) == 2 and min(inst.spans[0]) > vision[-1][1]
+    assert [inst.tokens.token_strings[p] for p in inst.keyword_positions[0]] == ["Ġcat"]
+
+
 def test_errors_name_the_fix():
     positive, negative = conds("kontext", instructions())
     bare = [[positive[0][0], {k: v for k, v in positive[0][1].items() if k != "reference_latents"}]]

@@ -97,6 +97,8 @@ def test_node_leaves_no_global_trace(key, comfy_host):
     models = [v for v in inputs.values() if hasattr(v, "model_options") and hasattr(v, "patches")]
     assert models or key in {"AttentionEditTextEncode", "AttentionEditTextEncodeQwenImageEdit",
                              "AttentionEditInstructionEncodeQwenImageEdit",
+                             "AttentionEditTextEncodeQwenImageEditPlus",
+                             "AttentionEditInstructionEncodeQwenImageEditPlus",
                              "AttentionEditInstructionEncode", "AttentionEditHeatmap",
                              "AttentionEditMask", "AttentionEditInstDiffEditMask"}
     with torch.inference_mode():  # ComfyUI's executor runs every node inside inference mode
