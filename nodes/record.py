@@ -8,8 +8,8 @@ from ..masks.attention_mask import combine as combine_masks
 from ..masks.label import draw_label
 from ..masks.video import latent_frame_of, pixel_frames, video_soft_maps, video_word_mask
 from ..samplers.record import sample_recording
-from .common import (CATEGORY, choice, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, dit_blocks_input,
-                     normalisation_input, parts_input, resolution_input, sampler_inputs)
+from .common import (CATEGORY, choice, LATENT_TO_IMAGE, LEVELS, NORMALISATIONS, PARTS, branch_input,
+                     dit_blocks_input, normalisation_input, parts_input, resolution_input, sampler_inputs)
 
 
 class KSamplerRecordAttention:
@@ -18,8 +18,7 @@ class KSamplerRecordAttention:
         inputs = sampler_inputs()
         inputs["resolution"] = resolution_input()
         inputs["layers"] = parts_input()
-        inputs["branch"] = (["cond", "uncond"], {"default": "cond", "tooltip":
-                            "Record the positive (cond) or negative (uncond) prompt's attention."})
+        inputs["branch"] = branch_input()
         return {"required": inputs, "optional": {"dit_blocks": dit_blocks_input(),
                                                  "normalisation": normalisation_input()}}
 
@@ -56,8 +55,7 @@ class KSamplerAdvancedRecordAttention:
         inputs["return_with_leftover_noise"] = (["disable", "enable"], {"default": "disable"})
         inputs["resolution"] = resolution_input()
         inputs["layers"] = parts_input()
-        inputs["branch"] = (["cond", "uncond"], {"default": "cond", "tooltip":
-                            "Record the positive (cond) or negative (uncond) prompt's attention."})
+        inputs["branch"] = branch_input()
         return {"required": inputs, "optional": {
             "dit_blocks": dit_blocks_input(), "normalisation": normalisation_input(),
             "attention_maps": ("ATTENTION_MAPS", {"tooltip":
