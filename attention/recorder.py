@@ -98,6 +98,7 @@ class AttentionRecorder:
         self.steps = None if steps is None else set(steps)
         self.n_tokens = n_tokens  # the recorded prompt's token count (None: the first call's key count)
         self.recorded = None  # uuids of the branch's annotated conds when plain ones are mixed in
+        self._continued = None  # ATTENTION_MAPS of an earlier sampler to add in (continue_from)
         self.layers = []
         self.schedule = None
         self.latent_hw = None
@@ -225,10 +226,9 @@ class AttentionRecorder:
         self._continued = maps
 
     def _merge_continued(self):
-        maps = getattr(self, "_continued", None)
+        maps, self._continued = self._continued, None
         if maps is None:
             return
-        self._continued = None
         previous = maps.probs.reshape(maps.probs.shape[0], -1, maps.probs.shape[-1]) * maps.count
         if self.total is None:
             self.total, self.count = previous.clone(), maps.count
