@@ -7,19 +7,17 @@ count ComfyUI's own Wan VAE decodes."""
 import pytest
 import torch
 
+import test_dit_record as rec
 from ae_testlib import dit_plant, dit_text, wan_host
 from ae_testlib.pack import pack_module
 
-record = pack_module("samplers.record")
-common = pack_module("samplers.common")
 families = pack_module("attention.dit_families")
 nodes = pack_module("nodes.record")
 encode = pack_module("nodes.encode")
 video = pack_module("masks.video")
 tokens_mod = pack_module("attention.tokens")
 
-STEPS = 2
-CFG = 2.0
+plain, recording = rec.plain, rec.recording  # KSampler without / with recording, 2 steps at cfg 2
 N_REAL = 7  # the prompt's real umT5 tokens (words + </s>); the other 505 rows are zeroed padding
 
 
@@ -32,19 +30,6 @@ def conds(variant, n_real=N_REAL, **options):
     clip_image = variant == "wan21_i2v"
     return (wan_host.conditioning(n_real, seed=1, clip_image=clip_image, **options),
             wan_host.conditioning(3, seed=2, clip_image=clip_image))
-
-
-def plain(model, positive, negative, latent, steps=STEPS, cfg=CFG):
-    sigmas = common.schedule(model, steps, "euler", "normal", 1.0)
-    with torch.inference_mode():
-        return common.ksample(model, 1, steps, cfg, "euler", "normal", positive, negative, latent, sigmas)["samples"]
-
-
-def recording(model, positive, negative, latent, steps=STEPS, cfg=CFG, **kwargs):
-    with torch.inference_mode():
-        out, maps = record.sample_recording(model, 1, steps, cfg, "euler", "normal", positive, negative, latent,
-                                            **kwargs)
-    return out["samples"], maps
 
 
 class CrossAttentionProbe:
@@ -320,7 +305,7 @@ def test_two_expert_samplers_make_one_map():
     latent = wan_host.latent("wan21", 1, 2, 6, 10)
     core = registry.core_nodes()["KSamplerAdvanced"]()
     node = nodes.KSamplerAdvancedRecordAttention()
-    common_inputs = dict(noise_seed=3, steps=4, cfg=CFG, sampler_name="euler", scheduler="simple",
+    common_inputs = dict(noise_seed=3, steps=4, cfg=rec.CFG, sampler_name="euler", scheduler="simple",
                          positive=positive, negative=negative)
     first = dict(add_noise="enable", start_at_step=0, end_at_step=2, return_with_leftover_noise="enable")
     second = dict(add_noise="disable", start_at_step=2, end_at_step=10000, return_with_leftover_noise="disable")
