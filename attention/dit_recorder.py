@@ -10,7 +10,7 @@ Installed on the sampling clone through three public hooks, each chaining to wha
   sum on the device (attention/dit_kernel.py), and returns the attention output the model would
   have computed without it, bit for bit.
 Which call of a block holds the prompt, and where the image queries sit, are family facts
-(dit_families.Family.layout / text_calls): joint attention for the image families, Wan's separate
+(families.Family.layout / text_calls): joint attention for the image families, Wan's separate
 text cross-attention for video.
 """
 import math
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dit_families import parse_blocks, require_family
+from .families import parse_blocks, require_family
 from .dit_kernel import (bind_attention_args, fused_attention, fused_available, heads_first,
                          logsumexp_rows, text_probabilities)
 from .layers import ChainedPatch
@@ -32,7 +32,7 @@ WRAPPER_KEY = "attention_edit_record"
 class _Forward:
     """What one model forward needs recorded."""
 
-    layout: object  # dit_families.Layout
+    layout: object  # families.Layout
     rows: object  # slice or index tensor of the batch rows of the recorded branch
     chunks: int  # how many cond chunks of that branch the rows hold
     text_calls: dict = None  # block key -> the prompt's call index in it (Wan); None: joint attention
@@ -117,7 +117,7 @@ class _AttentionOverride(_Shared):
 class DiTRecorder(AttentionRecorder):
     """Running mean of the generated image's attention on the prompt's tokens in chosen DiT blocks.
 
-    blocks: dit_families.parse_blocks spec ('' = the family default).
+    blocks: families.parse_blocks spec ('' = the family default).
     normalise: "text" (default) renormalises over the text keys only (each pixel's row sums to 1,
     like UNet maps; sharper word masks, docs/recording.md); "joint" records the model's own row
     (softmax over all keys, text mass < 1).

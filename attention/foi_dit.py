@@ -6,7 +6,7 @@ maps every adaptation to its equation.
 Installed on the sampling clone through ComfyUI's public hooks, each chaining to what was there
 (the same three the DiT recorder uses, attention/dit_recorder.py):
 - an APPLY_MODEL wrapper reads each forward's token layout [text | generated image | reference
-  image] (dit_families.Layout), its chunks (`cond_or_uncond`) and numbers its attention calls;
+  image] (families.Layout), its chunks (`cond_or_uncond`) and numbers its attention calls;
 - `patches_replace["dit"]` tags on the mask blocks say when a mask block runs (step 0 recording);
 - `transformer_options["optimized_attention_override"]` sees every joint attention call.
 
@@ -25,7 +25,7 @@ import torch
 
 from ..masks.foi import DIT_MASK_UPSAMPLE, dit_keyword_masks, token_masks_to_latent, token_region_mask
 from ..masks.validate import check_finite
-from .dit_families import PATCH, layout_of, parse_blocks, require_family, token_grid
+from .families import PATCH, layout_of, parse_blocks, require_family, token_grid
 from .dit_kernel import bind_attention_args, heads_first, sdpa_runs_cpu_flash, text_probabilities
 from .dit_recorder import tag_blocks
 from .foi_modulation import modulate_scores, token_alpha

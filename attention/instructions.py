@@ -20,7 +20,9 @@ Token bookkeeping (positions index the conditioning's token axis, like attention
 import re
 from dataclasses import dataclass, field
 
-from .tokens import PromptTokens, _ids, _primary_tokenizer, _short, prompt_tokens, prompt_words
+from .text_encoders import encoder_family, prompt_tokens
+from .text_encoders.clip import primary_tokenizer, prompt_words, word_ids
+from .tokens import PromptTokens, short
 
 INSTRUCTIONS_KEY = "attention_edit_instructions"
 SEPARATORS = ";\n"
@@ -86,7 +88,7 @@ def split_instructions(text):
     out = []
     for number, piece in enumerate(pieces, 1):
         count = piece.count("*")
-        where = f"sub-instruction {number} \"{_short(piece, 60)}\""
+        where = f"sub-instruction {number} \"{short(piece, 60)}\""
         if count == 0:
             raise InstructionSyntaxError(
                 f"{where} has no keyword. Mark the object it edits (or adds) with asterisks, "
@@ -170,7 +172,7 @@ def _token_labels(word, positions, chars, labels, sd_tokenizer, strings):
     hf = sd_tokenizer.tokenizer
     pieces = []
     for text, label in _runs(chars, labels):
-        pieces.extend((hf.convert_ids_to_tokens(i), label) for i in _ids(sd_tokenizer, text))
+        pieces.extend((hf.convert_ids_to_tokens(i), label) for i in word_ids(sd_tokenizer, text))
     if [s for s, _ in pieces] == [strings[p] for p in positions]:
         return [(p, label) for p, (_, label) in zip(positions, pieces)]
     owners = [label[0] for label in labels if label[0] is not None]
@@ -186,15 +188,13 @@ def parse_instructions(clip, text):
     sub-instruction without keyword or with several, a keyword marker that does not close inside
     its sub-instruction, a keyword without tokens, a prompt longer than one 77-token chunk.
     """
-    from .text_encoders import encoder_family
-
     subs = split_instructions(text)
     prompt = encoded_text(text)
     if encoder_family(clip) is not None:  # T5 (Flux, Kontext) / Qwen2.5-VL: word-level labels
         return instructions_from_tokens(text, prompt_tokens(clip, prompt))
     tokens = prompt_tokens(clip, prompt)
     tokens.require_single_chunk("FoI (Focus on Your Instruction)")
-    _, sd_tokenizer = _primary_tokenizer(clip)
+    _, sd_tokenizer = primary_tokenizer(clip)
 
     spans = [[] for _ in subs]
     keyword_positions = [[] for _ in subs]
@@ -210,7 +210,7 @@ def parse_instructions(clip, text):
         if word is None:
             continue  # no tokens (a missing embedding, which ComfyUI skips): no positions to label
         if word.text != chars:
-            raise RuntimeError(f"could not align the instruction \"{_short(text)}\" with its tokens; "
+            raise RuntimeError(f"could not align the instruction \"{short(text)}\" with its tokens; "
                                "please report this instruction")
         for position, (owner, in_keyword) in _token_labels(word, word.positions, chars, labels,
                                                            sd_tokenizer, tokens.token_strings):
@@ -232,7 +232,7 @@ def parse_instructions(clip, text):
 
 def _dit_words(marked, qwen):
     """The whitespace words of a marked instruction as a DiT word layout splits them
-    (attention/text_encoders.py): T5 within ComfyUI's weight segments, Qwen2.5-VL on the text as
+    (attention/text_encoders/): T5 within ComfyUI's weight segments, Qwen2.5-VL on the text as
     typed (escapes resolved)."""
     from comfy import sd1_clip
 
@@ -273,7 +273,7 @@ def instructions_from_tokens(text, tokens):
         if any(label[1] for label in labels):
             keyword_positions[owners[0]].extend(word.positions)
     if cursor != len(words):
-        raise RuntimeError(f"could not align the instruction \"{_short(text)}\" with its tokens (at the word "
+        raise RuntimeError(f"could not align the instruction \"{short(text)}\" with its tokens (at the word "
                            f"{words[cursor].text!r}); please report this instruction")
     out = []
     for number, ((sub_text, keyword), span, kw) in enumerate(zip(subs, spans, keyword_positions), 1):

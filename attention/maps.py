@@ -19,7 +19,7 @@ class AttentionMaps:
     latent_hw: tuple  # latent (H, W); the image is 8x that
     level: int  # maps are latent / 2**level
     no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
-    family: Optional[str] = None  # the DiT family recorded (dit_families.Family.name); None: a UNet
+    family: Optional[str] = None  # the DiT family recorded (families.Family.name); None: a UNet
     normalise: Optional[str] = None  # DiT maps: "text" or "joint" rows (DiTRecorder); None: a UNet
     frames: Optional[int] = None  # video (Wan): latent frames, probs' frame axis; None: images
     pixel_scale: int = 8  # pixels per latent cell: 8, Wan 2.2 5B's VAE 16

@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from ..attention.text_encoders import qwen_prompt_tokens
-from ..attention.tokens import annotate, prompt_tokens
+from ..attention.text_encoders import prompt_tokens
+from ..attention.text_encoders.qwen25vl import qwen_prompt_tokens
+from ..attention.tokens import annotate
 from .common import CATEGORY
 
 

@@ -2,7 +2,7 @@
 their DiT forms for Flux Kontext and Qwen-Image-Edit."""
 import torch
 
-from ..attention.dit_families import PATCH
+from ..attention.families import PATCH
 from ..attention.instructions import annotate_instructions, instructions_from_tokens, parse_instructions
 from ..attention.instructions import encoded_text, split_instructions
 from ..attention.tokens import tokens_of

@@ -1,7 +1,7 @@
 """Sampling plumbing shared by the pack's samplers: schedule, noise, progress/preview, KSampler."""
 import importlib
 
-from ..attention.dit_families import family_of
+from ..attention.families import family_of
 from ..masks.validate import check_finite, check_number
 
 

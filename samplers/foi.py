@@ -30,7 +30,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..attention.dit_families import family_of
+from ..attention.families import family_of
 from ..attention.foi_modulation import t_from_timestep, xi
 from ..attention.foi_patch import FoIState, install_foi
 from ..attention.instructions import instructions_of

@@ -28,7 +28,7 @@ import comfy.model_sampling
 import comfy.samplers
 import torch
 
-from ..attention.dit_families import dit_family
+from ..attention.families import dit_family
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit
 from ..attention.foi_modulation import xi
 from ..masks.foi import DIT_MASK_UPSAMPLE
@@ -79,7 +79,7 @@ class FoIDiTConfig:
     modulation: bool = True
     alphas: list = field(default_factory=list)
     disentangle_fraction: float = 0.75
-    mask_blocks: str = ""  # dit_families.parse_blocks spec; '' = the family default
+    mask_blocks: str = ""  # families.parse_blocks spec; '' = the family default
     xi_scale: float = 0.05
     xi_power: float = 4
 

@@ -8,7 +8,7 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 - UNet (the official setting): cross-attention of the 1/4-size layers (down + up), the start token
   is column 0, and 4x the 1/4 grid is the latent (cropped where the grid rounded up).
 - DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
-  attention's image -> text rows of the late double / joint blocks (dit_families.default_blocks,
+  attention's image -> text rows of the late double / joint blocks (families.default_blocks,
   the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
   tokens that belong to **no word**: T5's </s> and padding (Flux), Qwen's closing template, and
   on SD3 CLIP's start, end and padding tokens with T5's end and padding. Like CLIP's start
@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from ..attention.dit_families import dit_family
+from ..attention.families import dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm

@@ -1,5 +1,5 @@
 """KSampler that records cross-attention maps on the side (UNet cross-attention, DiT joint attention)."""
-from ..attention.dit_families import dit_family
+from ..attention.families import dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..attention.tokens import annotation_of, no_words_reason, recorded_length

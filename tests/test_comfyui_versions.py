@@ -19,7 +19,7 @@ record = pack_module("samplers.record")
 common = pack_module("samplers.common")
 dit_recorder = pack_module("attention.dit_recorder")
 foi_dit = pack_module("samplers.foi_dit")
-families = pack_module("attention.dit_families")
+families = pack_module("attention.families")
 
 N_TOKENS = rec.N_TOKENS
 ALL = rec.ALL_BLOCKS

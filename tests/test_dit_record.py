@@ -10,7 +10,7 @@ from ae_testlib.pack import pack_module
 record = pack_module("samplers.record")
 common = pack_module("samplers.common")
 kernel = pack_module("attention.dit_kernel")
-families = pack_module("attention.dit_families")
+families = pack_module("attention.families")
 tokens_mod = pack_module("attention.tokens")
 
 STEPS = 2

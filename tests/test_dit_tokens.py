@@ -9,6 +9,7 @@ from ae_testlib.pack import pack_module
 
 tokens = pack_module("attention.tokens")
 text_encoders = pack_module("attention.text_encoders")
+mapping = pack_module("attention.text_encoders.mapping")
 nodes = pack_module("nodes")
 
 WEIGHTED = "a (red:1.3) Shiba, dog \\(x\\) next to a red axolotl"
@@ -46,7 +47,7 @@ def conditioning_axis_ids(clip, family, text):
 @pytest.mark.parametrize("text", PROMPTS)
 def test_each_word_sits_on_its_own_tokens(family, text):
     clip = clip_of(family)
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     axis = conditioning_axis_ids(clip, family, text)
     assert pt.n_tokens == len(axis) == len(pt.token_strings)
     clip_stop = pt.part("CLIP-L/G")[1] if family == "sd3" else 0
@@ -79,7 +80,7 @@ def test_each_word_sits_on_its_own_tokens(family, text):
         assert all(qwen.decode([axis[p]]).isspace() for p in other_positions[:-5])
         assert pt.words[0].positions[0] == 0  # the template prefix is not on the axis
     elif family == "wan":  # SentencePiece keeps white space as pieces ('▁▁', a tab's '<0x09>')
-        assert all(s in CONTROL or text_encoders._SentencePieceOffsets.is_space(s) for s in others), others
+        assert all(s in CONTROL or mapping.SentencePieceOffsets.is_space(s) for s in others), others
     else:
         assert set(others) <= CONTROL, others
 
@@ -94,7 +95,7 @@ def test_weighted_words_are_the_rows_the_weight_changes(family):
     plain = nodes.encode.encode(clip, plain_text)[0][0]
     weighted_text = "a photo of a (red:1.5) car"
     weighted = nodes.encode.encode(clip, weighted_text)[0][0]
-    pt = tokens.prompt_tokens(clip, weighted_text)
+    pt = text_encoders.prompt_tokens(clip, weighted_text)
     if family == "qwen_image":
         # ComfyUI passes Qwen prompts as text: '(red:1.5)' is a word. The conditioning is the
         # encoder's output without the template prefix: its rows are the last n_tokens.
@@ -130,7 +131,7 @@ def test_encode_node_equals_clip_text_encode(family):
 
 def test_repeated_words_and_layout_facts(family):
     clip = clip_of(family)
-    pt = tokens.prompt_tokens(clip, "a red car next to a red house")
+    pt = text_encoders.prompt_tokens(clip, "a red car next to a red house")
     first, second = pt.occurrences("red")
     assert pt.positions("red") == sorted(first + second) and first < second
     if family == "flux":
@@ -152,7 +153,7 @@ def test_long_prompts_are_one_sequence_except_sd3_clip_part(family_name, comfy_h
     dit_text.require_dit_clip(family_name)
     clip = clip_of(family_name)
     text = " ".join(f"word{i}" for i in range(60))  # 60 words, > 77 tokens on every tokenizer
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     assert len(pt.words) == 60
     last = pt.positions("word59")
     if family_name == "sd3":
@@ -175,7 +176,7 @@ def test_qwen_prompt_with_its_own_template(comfy_host):
     dit_text.require_dit_clip("qwen_image")
     clip = clip_of("qwen_image")
     text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\na blue cat<|im_end|>\n"
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     assert pt.n_tokens == nodes.encode.encode(clip, text)[0][0].shape[1]
     assert pt.positions("blue") == [1] and pt.token_strings[:3] == ["a", "Ġblue", "Ġcat"]
 
@@ -215,14 +216,14 @@ def test_qwen_image_edit_layout_with_a_reference_image(comfy_host):
 
 def test_qwen_image_edit_node_refuses_other_encoders(comfy_host):
     dit_text.require_dit_clip("flux")
-    with pytest.raises(text_encoders.UnsupportedEncoderError, match="Qwen-Image's text encoder"):
+    with pytest.raises(mapping.UnsupportedEncoderError, match="Qwen-Image's text encoder"):
         nodes.encode.AttentionTextEncodeQwenImageEdit().run(clip_of("flux"), "a cat")
 
 
 def test_unsupported_encoder_names_the_supported_ones(comfy_host):
     dit_text.require_dit_clip("stable_audio")  # Stable Audio's T5-base: a text encoder the pack does not map
     clip = dit_text.build_unsupported_clip()
-    with pytest.raises(text_encoders.UnsupportedEncoderError,
+    with pytest.raises(mapping.UnsupportedEncoderError,
                        match=r"SAT5Tokenizer with clip_t5base parts.*SDXL.*Flux.*SD3.*Chroma.*Qwen-Image"):
         nodes.encode.AttentionTextEncode().run(clip, "a cat")
 
@@ -233,12 +234,12 @@ def test_a_word_split_differently_is_a_clear_error(comfy_host):
     dit_text.require_dit_clip("flux")
     sd_tokenizer = clip_of("flux").tokenizer.t5xxl
     names = []
-    ids, owners = text_encoders._map_pieces(sd_tokenizer, text_encoders._weighted_pieces("a red hat"), names, "Flux")
+    ids, owners = mapping.map_pieces(sd_tokenizer, mapping.weighted_pieces("a red hat"), names, "Flux")
     comfy_ids = [int(t[0]) for t in clip_of("flux").tokenize("a red cat")["t5xxl"][0]][:len(ids)]
-    with pytest.raises(text_encoders.TokenAlignmentError, match="Flux: could not align 'hat'.*split it differently"):
-        text_encoders._check_ids(ids, comfy_ids, owners, names, "a red hat", "Flux")
-    with pytest.raises(text_encoders.TokenAlignmentError, match="does not fit in one word"):
-        text_encoders._map_pieces(sd_tokenizer, [text_encoders._Piece("shiba", words_to=2)], [], "Flux")
+    with pytest.raises(mapping.TokenAlignmentError, match="Flux: could not align 'hat'.*split it differently"):
+        mapping.check_ids(ids, comfy_ids, owners, names, "a red hat", "Flux")
+    with pytest.raises(mapping.TokenAlignmentError, match="does not fit in one word"):
+        mapping.map_pieces(sd_tokenizer, [mapping.Piece("shiba", words_to=2)], [], "Flux")
 
 
 def test_a_word_only_one_sd3_encoder_keeps(comfy_host):
@@ -248,7 +249,7 @@ def test_a_word_only_one_sd3_encoder_keeps(comfy_host):
     dit_text.require_dit_clip("sd3")
     clip = clip_of("sd3")
     text = "a \u200b cat \xad dog"
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     clip_stop = pt.part("CLIP-L/G")[1]
     axis = conditioning_axis_ids(clip, "sd3", text)
     one_part = 0

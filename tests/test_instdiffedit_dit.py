@@ -12,6 +12,7 @@ from ae_testlib.pack import pack_module
 ide = pack_module("samplers.instdiffedit")
 capture_mod = pack_module("samplers.instdiffedit_capture")
 tokens_mod = pack_module("attention.tokens")
+text_encoders = pack_module("attention.text_encoders")
 ide_nodes = pack_module("nodes.instdiffedit")
 record = pack_module("samplers.record")
 
@@ -32,7 +33,7 @@ def prompt_tokens():
     """The real word layout of PROMPT for each family's text encoder (docs/text_encoders.md)."""
     def layout(family):
         dit_text.require_dit_clip(ENCODERS[family])
-        return tokens_mod.prompt_tokens(dit_text.build_dit_clip(ENCODERS[family]), PROMPT)
+        return text_encoders.prompt_tokens(dit_text.build_dit_clip(ENCODERS[family]), PROMPT)
     return {family: layout(family) for family in FAMILIES}
 
 
@@ -144,7 +145,7 @@ def test_sd3_noisy_attention_still_finds_the_word(seed, mode, beta):
     the complement of the region (IoU 0.00); the mean over the tokens of no word finds "cat"."""
     dit_text.require_dit_clip("sd3")
     clip = dit_text.build_dit_clip("sd3")
-    tokens = tokens_mod.prompt_tokens(clip, PROMPT)
+    tokens = text_encoders.prompt_tokens(clip, PROMPT)
     positive, negative = encoded(clip, PROMPT, tokens), encoded(clip, "")
     height, width = 24, 34
     regions = regions_for(height, width)
@@ -175,12 +176,12 @@ def test_long_flux_prompt_warns_that_the_start_map_runs_short(caplog):
     dit_text.require_dit_clip("flux")
     clip = dit_text.build_dit_clip("flux")
     with caplog.at_level("WARNING"):
-        capture_mod.capture_for(dit_host.model("flux"), tokens_mod.prompt_tokens(clip, long_prompt(85)))
+        capture_mod.capture_for(dit_host.model("flux"), text_encoders.prompt_tokens(clip, long_prompt(85)))
         assert "InstDiffEdit" not in caplog.text
-        capture_mod.capture_for(dit_host.model("qwen"), tokens_mod.prompt_tokens(
+        capture_mod.capture_for(dit_host.model("qwen"), text_encoders.prompt_tokens(
             dit_text.build_dit_clip("qwen_image"), PROMPT))
         assert "InstDiffEdit" not in caplog.text
-        capture_mod.capture_for(dit_host.model("flux"), tokens_mod.prompt_tokens(clip, long_prompt(125)))
+        capture_mod.capture_for(dit_host.model("flux"), text_encoders.prompt_tokens(clip, long_prompt(125)))
     assert "takes 134 of the 256 text tokens, leaving 122 end / padding tokens" in caplog.text
     assert "fewer words" in caplog.text
 
@@ -264,7 +265,7 @@ def test_nodes_on_qwen_image_latents(prompt_tokens):
 def test_chroma_is_refused_with_the_reason():
     """Chroma's prompt ends in one </s> and no padding: no reliable start map, so a clear error."""
     dit_text.require_dit_clip("chroma")
-    tokens = tokens_mod.prompt_tokens(dit_text.build_dit_clip("chroma"), PROMPT)
+    tokens = text_encoders.prompt_tokens(dit_text.build_dit_clip("chroma"), PROMPT)
     with pytest.raises(TypeError, match=r"^InstDiffEdit does not support Chroma yet: .*single end token.*Flux"):
         edit(dit_host.model("chroma"), tokens, source(1, 16, 16))
 

@@ -23,10 +23,28 @@ def imports_of(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            yield node.level, node.module or ""
+            yield node.level, node.module or "", [alias.name for alias in node.names]
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                yield 0, alias.name
+                yield 0, alias.name, []
+
+
+def module_of(path):
+    """('attention', 'text_encoders', 'clip') for attention/text_encoders/clip.py."""
+    parts = path.relative_to(PACK_ROOT).with_suffix("").parts
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def pack_imports(path):
+    """The pack modules a file imports (relative imports resolved; function-level ones included)."""
+    package = module_of(path) if path.name == "__init__.py" else module_of(path)[:-1]
+    for level, module, names in imports_of(path):
+        if level == 0:
+            continue
+        base = package[:len(package) - (level - 1)] + tuple(filter(None, module.split(".")))
+        known = {module_of(p) for p in pack_sources()}
+        found = [base + (name,) for name in names if base + (name,) in known]
+        yield from found or [base]
 
 
 def test_loads_as_a_custom_node(comfy_host):
@@ -56,12 +74,25 @@ def test_no_eval_exec_and_layering(path):
     layer = path.relative_to(PACK_ROOT).parts[0]
     if layer not in ALLOWED:
         return
-    for level, module in imports_of(path):
+    for level, module, _ in imports_of(path):
         if level == 0:
             assert not (layer == "masks" and module.split(".")[0] == "comfy"), f"{path} imports ComfyUI"
-            continue
-        target = layer if level == 1 else module.split(".")[0]
-        assert target in ALLOWED[layer], f"{path.relative_to(PACK_ROOT)} imports {'.' * level}{module}"
+    for target in pack_imports(path):
+        assert target[0] in ALLOWED[layer], f"{path.relative_to(PACK_ROOT)} imports {'.'.join(target)}"
+
+
+def test_no_import_circle():
+    """No module of the pack imports, through any chain (late imports inside functions included),
+    a module that imports it back."""
+    graph = {module_of(p): set(pack_imports(p)) for p in pack_sources()}
+    for start in graph:
+        stack, seen = list(graph[start]), set()
+        while stack:
+            module = stack.pop()
+            assert module != start, f"{'.'.join(start)} imports itself back through {sorted('.'.join(m) for m in seen)}"
+            if module not in seen:
+                seen.add(module)
+                stack.extend(graph.get(module, ()) - {module[:-1]})
 
 
 def test_the_comfyui_versions_audit_names_tests_that_exist():

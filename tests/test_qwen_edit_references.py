@@ -15,7 +15,7 @@ import test_foi_dit as foi
 from ae_testlib import dit_host, dit_plant, host
 from ae_testlib.pack import pack_module
 
-families = pack_module("attention.dit_families")
+families = pack_module("attention.families")
 foi_dit = pack_module("samplers.foi_dit")
 instructions_mod = pack_module("attention.instructions")
 record_nodes = pack_module("nodes.record")

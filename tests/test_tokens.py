@@ -5,6 +5,8 @@ from ae_testlib import fixtures
 from ae_testlib.pack import pack_module
 
 tokens = pack_module("attention.tokens")
+text_encoders = pack_module("attention.text_encoders")
+clip_encoder = pack_module("attention.text_encoders.clip")
 
 
 @pytest.fixture(params=["sd15", "sdxl", "sd2"])
@@ -13,7 +15,7 @@ def clip(request, comfy_host):
 
 
 def test_words_sub_tokens_weights_and_escapes(clip):
-    pt = tokens.prompt_tokens(clip, "a (red:1.2) Shiba, dog \\(x\\) axolotl")
+    pt = text_encoders.prompt_tokens(clip, "a (red:1.2) Shiba, dog \\(x\\) axolotl")
     assert pt.word_list() == ["a", "red", "Shiba,", "dog", "(x)", "axolotl"]
     assert pt.token_strings[:3] == ["<start>", "a</w>", "red</w>"]
     assert pt.positions("shiba") == [3, 4, 5]  # shi + ba + ','
@@ -27,9 +29,9 @@ def test_words_sub_tokens_weights_and_escapes(clip):
 
 
 def test_positions_match_comfy_token_ids(clip):
-    key, sd_tokenizer = tokens._primary_tokenizer(clip)
+    key, sd_tokenizer = clip_encoder.primary_tokenizer(clip)
     text = "a cat sitting next to a (tabby cat:0.8) on a sofa"
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     ids = [t[0] for t in clip.tokenize(text)[key][0]]
     for word in pt.words:
         expected = sd_tokenizer.tokenizer(word.text)["input_ids"][1:-1]
@@ -37,13 +39,13 @@ def test_positions_match_comfy_token_ids(clip):
 
 
 def test_repeated_word_gives_every_occurrence(clip):
-    pt = tokens.prompt_tokens(clip, "a red car next to a red house")
+    pt = text_encoders.prompt_tokens(clip, "a red car next to a red house")
     assert pt.occurrences("red") == [[2], [7]]
     assert pt.positions("red") == [2, 7]
 
 
 def test_absent_word_is_a_clear_error(clip):
-    pt = tokens.prompt_tokens(clip, "a photo of a dog")
+    pt = text_encoders.prompt_tokens(clip, "a photo of a dog")
     with pytest.raises(tokens.PromptWordError, match=r'"cat" is not a word of the prompt.*\'dog\''):
         pt.positions("cat")
     with pytest.raises(tokens.PromptWordError, match="empty"):
@@ -55,7 +57,7 @@ def test_absent_word_is_a_clear_error(clip):
 
 def test_long_prompt_positions_and_single_chunk_error(clip):
     text = " ".join(f"word{i}" for i in range(60))  # 'word', 'N' pieces: 170 tokens, 3 chunks
-    pt = tokens.prompt_tokens(clip, text)
+    pt = text_encoders.prompt_tokens(clip, text)
     assert pt.n_chunks == 3 and pt.n_tokens == 231
     assert pt.content_token_count == 170
     last = pt.positions("word59")
@@ -64,7 +66,7 @@ def test_long_prompt_positions_and_single_chunk_error(clip):
     pt.require_single_chunk("ok")  if pt.n_chunks == 1 else None
     with pytest.raises(tokens.PromptLengthError, match="170 content tokens"):
         pt.require_single_chunk("InstDiffEdit")
-    tokens.prompt_tokens(clip, "a short prompt").require_single_chunk("InstDiffEdit")
+    text_encoders.prompt_tokens(clip, "a short prompt").require_single_chunk("InstDiffEdit")
 
 
 def test_annotation_and_missing_annotation_error(comfy_host):

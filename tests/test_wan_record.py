@@ -11,7 +11,7 @@ import test_dit_record as rec
 from ae_testlib import dit_plant, dit_text, wan_host
 from ae_testlib.pack import pack_module
 
-families = pack_module("attention.dit_families")
+families = pack_module("attention.families")
 nodes = pack_module("nodes.record")
 encode = pack_module("nodes.encode")
 video = pack_module("masks.video")
@@ -157,7 +157,7 @@ def default_blocks(depth):
     class Model:  # only the block count matters
         blocks = [None] * depth
 
-    return families.parse_blocks("", families.WanFamily("Wan", "blocks"), Model())
+    return families.parse_blocks("", pack_module("attention.families.wan").WanFamily("Wan", "blocks"), Model())
 
 
 def test_default_blocks_are_the_late_blocks():

@@ -96,7 +96,7 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
     model's, which averaging many tokens smooths and a single token's map keeps."""
     import comfy.patcher_extension
 
-    families = pack_module("attention.dit_families")
+    families = pack_module("attention.families")
     columns = list(token_columns)
     diffusion_model = model.model.diffusion_model
 

@@ -19,6 +19,7 @@ from ae_testlib import dit_text
 instdiffedit = pack_module("samplers.instdiffedit")
 common = pack_module("samplers.common")
 tokens_mod = pack_module("attention.tokens")
+text_encoders = pack_module("attention.text_encoders")
 
 OWN_MODEL = True  # run.py: this benchmark builds its own model
 COPIES, STRENGTH, CFG = 3, 0.5, 1.0
@@ -30,7 +31,7 @@ DENOISING_STEPS = 2
 def run(args, model=None):
     bench_dit_record._pytorch_attention()
     model = model or bench_dit_record.build()
-    tokens = tokens_mod.prompt_tokens(dit_text.build_dit_clip("flux"), PROMPT)
+    tokens = text_encoders.prompt_tokens(dit_text.build_dit_clip("flux"), PROMPT)
     assert tokens.n_tokens == bench_dit_record.TEXT_TOKENS
     positive = tokens_mod.annotate(bench_dit_record._conditioning(1), tokens)
     negative = bench_dit_record._conditioning(2)

@@ -34,7 +34,7 @@ def random_conditioning(tokens_text=None, family="sd15", dim=768, seed=0):
     conditioning = [[cond, options]]
     if tokens_text is not None:
         tokens = pack_module("attention.tokens")
-        conditioning = tokens.annotate(conditioning, tokens.prompt_tokens(host.build_clip(family), tokens_text))
+        conditioning = tokens.annotate(conditioning, pack_module("attention.text_encoders").prompt_tokens(host.build_clip(family), tokens_text))
     return conditioning
 
 

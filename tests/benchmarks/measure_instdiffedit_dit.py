@@ -69,10 +69,11 @@ def main():
     ide = pack_module("samplers.instdiffedit")
     capture_mod = pack_module("samplers.instdiffedit_capture")
     tokens_mod = pack_module("attention.tokens")
+    text_encoders = pack_module("attention.text_encoders")
     encoder = {"qwen": "qwen_image"}.get(args.family, args.family)
     clip = dit_text.build_dit_clip(encoder)
     text = long_prompt(args.words) if args.words else PROMPT
-    tokens = tokens_mod.prompt_tokens(clip, text)
+    tokens = text_encoders.prompt_tokens(clip, text)
     with torch.inference_mode():
         positive = encoded(clip, text, tokens_mod, tokens)
         negative = encoded(clip, "", tokens_mod, None)

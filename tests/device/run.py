@@ -481,7 +481,7 @@ def node_runs(models):
         "AttentionEditMAGEdit", model=models["sd15"], inversion=outputs["inversion"][0]))
     if "flux" in models:  # the DiT paths: joint-attention recording, InstDiffEdit, FoI on Kontext
         flux = models["flux"]
-        tokens = pack_module("attention.tokens").prompt_tokens(dit_text.build_dit_clip("flux"), nc.TARGET)
+        tokens = pack_module("attention.text_encoders").prompt_tokens(dit_text.build_dit_clip("flux"), nc.TARGET)
         positive = dit_host.conditioning(tokens.n_tokens, 1, tokens=tokens)
         negative = dit_host.conditioning(tokens.n_tokens, 2)
         source = {"samples": torch.randn(1, 16, 12, 16, generator=torch.Generator().manual_seed(4))}

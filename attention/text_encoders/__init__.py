@@ -1,0 +1,37 @@
+"""Word <-> token positions for every text encoder the pack supports: one reader per encoder
+(clip: SD1.x / SD2.x / SDXL; t5: Flux, Kontext, Chroma, Wan's umT5; sd3; qwen25vl: Qwen-Image
+(-Edit)), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
+which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
+"""
+from .clip import CLIP_PARTS, clip_prompt_tokens
+from .mapping import UnsupportedEncoderError, tokenizer_parts
+from .qwen25vl import QWEN_IMAGE
+from .sd3 import SD3
+from .t5 import CHROMA, FLUX, WAN
+
+# family -> Encoder
+ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN}
+
+
+def encoder_family(clip):
+    """'flux', 'sd3', 'chroma', 'qwen_image', 'wan'; None for the CLIP encoders of SD1.x/SD2.x/SDXL.
+    Feature-detected from the tokenizer's parts."""
+    tokenizer = clip.tokenizer
+    parts = tokenizer_parts(tokenizer)
+    if parts and parts <= CLIP_PARTS:
+        return None
+    for family, encoder in ENCODERS.items():
+        if encoder.matches(tokenizer):
+            return family
+    supported = ["SD1.x / SD2.x / SDXL (CLIP)"] + [encoder.name for encoder in ENCODERS.values()]
+    raise UnsupportedEncoderError(
+        f"attention-edit cannot map words for this text encoder ({type(tokenizer).__name__} with "
+        f"{', '.join(sorted(parts)) or 'no known'} parts). Supported text encoders: {'; '.join(supported)}.")
+
+
+def prompt_tokens(clip, text):
+    """Tokenise `text` with the CLIP object's tokenizer and map each word to its token positions."""
+    family = encoder_family(clip)
+    if family is None:
+        return clip_prompt_tokens(clip, text)
+    return ENCODERS[family].prompt_tokens(clip, text)
