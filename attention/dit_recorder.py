@@ -151,9 +151,10 @@ class DiTRecorder(AttentionRecorder):
         self._text_calls = family.text_calls(self.diffusion_model, self.blocks)
         self.latent_dims = tuple(int(d) for d in latent_hw)
         self.latent_hw = self.latent_dims[-2:]
+        self.level = family.level  # the map grid is the latent / 2**level (Flux.2's patch 1: the latent)
+        self.pixel_scale = family.pixel_scale(self.diffusion_model)
         if family.video:
             self.frames = self.grid[0]
-            self.pixel_scale = family.pixel_scale(self.diffusion_model)
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
         self._tags = tag_blocks(model_clone, self.blocks, self)
         options = model_clone.model_options["transformer_options"]
@@ -206,12 +207,16 @@ class DiTRecorder(AttentionRecorder):
         # Wan: umT5's zeroed padding keys (past n_real) are not the prompt. Only the real keys'
         # probabilities are computed ("text" rows renormalise over them, "joint" rows keep the
         # model's row through lse); the padding columns are zeros. 20 real tokens of 512: ~25x less work.
+        # Flux.2: the zero rows model_base puts in front of a short prompt are keys too, but not the
+        # prompt: its keys start at key_start (0 elsewhere; SD3's registers count as they always did)
         n_keys = layout.n_txt if layout.n_real is None else min(layout.n_real, layout.n_txt)
-        mask_block = None if mask is None else mask[..., rows, :n_keys]
-        probs = text_probabilities(q[:, :, rows], k[:, :, :n_keys], lse, mask_block)
+        first = layout.key_start
+        mask_block = None if mask is None else mask[..., rows, first:n_keys]
+        probs = text_probabilities(q[:, :, rows], k[:, :, first:n_keys], lse, mask_block)
         if n_keys < layout.n_txt:
             probs = torch.nn.functional.pad(probs, (0, layout.n_txt - n_keys))
-        probs = probs[..., layout.prompt_start:layout.prompt_start + self.n_tokens]
+        start = layout.prompt_start - first
+        probs = probs[..., start:start + self.n_tokens]
         probs = probs.reshape(forward.chunks, -1, *probs.shape[1:]).sum(0)
         if self.total is None:
             self.total = torch.zeros_like(probs)

@@ -145,6 +145,9 @@ UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no paddi
 _VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
           "Attention Mask give per-frame word masks on Wan (docs/video.md)")
 UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
+UNSUPPORTED_DITS["Flux.2"] = ("its start map (a patch-1 token grid, a Mistral / Qwen3 prompt without T5's padding "
+                              "tokens) is not measured yet; KSampler (Record Attention) and Attention Mask give "
+                              "word masks on Flux.2 (docs/recording.md)")
 
 
 def _dit_capture(family_name, tokens, input_name):

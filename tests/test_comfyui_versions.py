@@ -124,7 +124,7 @@ def test_recording_with_the_flux_kv_cache_node(family, normalise):
     timestep 0, index_timestep_zero); Flux Kontext with the reference method "index"
     (FluxKontextMultiReferenceLatentMethod): index_timestep_zero runs on Flux.2 only (Flux.1's
     blocks and pooled / guidance embeddings do not take the doubled timestep batch, in core
-    sampling too), and the pack refuses Flux.2 (test_flux2_is_refused_naming_it)."""
+    sampling too), and Flux.2 gets its own adapter (test_flux2_gets_its_own_adapter_and_the_unet_only_methods_refuse_it)."""
     model = kv_cache(dit_host.model(family))
     if family == "flux":
         positive, negative = reference_conds(family, kontext=True, method="index")
@@ -138,23 +138,15 @@ def test_recording_with_the_flux_kv_cache_node(family, normalise):
 
 
 @host.requires("flux2")
-def test_flux2_is_refused_naming_it():
+def test_flux2_gets_its_own_adapter_and_the_unet_only_methods_refuse_it():
     """Flux.2 (0.3.72) runs in Flux's own model class with patch size 1 on 128-channel latents
-    and a left-padded text sequence: the pack's token layout (patch 2, prompt first) does not hold,
-    so recording, InstDiffEdit and FoI refuse it by name instead of reading the wrong rows."""
+    and a left-padded text sequence: families.family_of picks the Flux.2 adapter by structure
+    (tests/test_flux2_record.py tests its recording); the UNet-only methods refuse it by name."""
     model = dit_host.model("flux", "flux2")
-    positive, negative = dit_host.conditioning(N_TOKENS, seed=1), dit_host.conditioning(N_TOKENS, seed=2)
-    latent = {"samples": torch.zeros(1, 128, 4, 6)}
-    with pytest.raises(TypeError, match="Flux.2"):
-        rec.recording(model, positive, negative, latent)
-    with pytest.raises(TypeError, match="Flux.2"):
-        foi_dit.FoIDiTGuider(model)
-    # the UNet-only methods decide by structure: Flux.2 is a DiT they refuse, not a UNet
+    assert families.family_of(model).name == "Flux.2"
     for method in ("MAG-Edit", "Inversion (DDIM / null-text)"):
-        with pytest.raises(TypeError, match=rf"{re.escape(method)} does not support Flux \(a DiT model\)"):
+        with pytest.raises(TypeError, match=rf"{re.escape(method)} does not support Flux\.2 \(a DiT model\)"):
             common.refuse_dit(model, method)
-    with pytest.raises(ValueError, match=r"this model is Flux \(a DiT\).*FoI Sampler \(Kontext"):
-        pack_module("samplers.foi").require_ip2p(model)
 
 
 # ------------------------------------------------------------------ NAG (core NAGuidance)

@@ -1,29 +1,34 @@
-"""The DiT families the pack reads attention on: one adapter module per family (flux, sd3,
-qwen_image, wan), each listing the diffusion-model classes it handles in CLASSES; this module
-finds a model's family and refuses the rest with a clear message.
+"""The DiT families the pack reads attention on: one adapter module per family (flux, flux2,
+sd3, qwen_image, wan), each listing the diffusion-model classes it handles in CLASSES; this
+module finds a model's family and refuses the rest with a clear message.
 """
-from . import flux, qwen_image, sd3, wan
+from . import flux, flux2, qwen_image, sd3, wan
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
-# the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
-# token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
-FAMILIES = {**flux.CLASSES, **sd3.CLASSES, **qwen_image.CLASSES, **wan.CLASSES}
-SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) and Wan 2.1 / 2.2 video"
+MODULES = (flux, sd3, qwen_image, wan, flux2)  # a new family: its module here
+
+# the diffusion_model's exact class -> the families that run in it, tried in order (Family.accepts
+# tells them apart by structure: Flux.1 and Flux.2 share Flux's class). Exact, not isinstance:
+# subclasses with another token layout exist (Chroma Radiance patchifies pixels 16x16), and
+# AuraFlow's class is also "MMDiT".
+CANDIDATES = {}
+for _module in MODULES:
+    for _name, _family in _module.CLASSES.items():
+        CANDIDATES.setdefault(_name, []).append(_family)
+FAMILIES = {name: found[0] for name, found in CANDIDATES.items()}  # each class's first family
+SUPPORTED = ("Flux (dev, schnell, Kontext), Flux.2 (dev, Klein), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) "
+             "and Wan 2.1 / 2.2 video")
 
 
 def family_of(model_patcher):
     """The Family of a ModelPatcher's diffusion model, or None for a UNet / unknown model."""
     diffusion_model = model_patcher.model.diffusion_model
     kind = type(diffusion_model)
-    family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
-    if family is not None and _as_tuple(getattr(diffusion_model, "patch_size", family.patch)) != _as_tuple(family.patch):
-        return None  # another token layout in a known class: Flux.2 (0.3.72+) runs in Flux's class, patch 1
-    return family
-
-
-def _as_tuple(patch):
-    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch,)
+    for family in CANDIDATES.get(f"{kind.__module__}.{kind.__qualname__}", ()):
+        if family.accepts(diffusion_model):
+            return family
+    return None  # a known class with another token layout (patch size), or an unknown model
 
 
 # The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
@@ -36,11 +41,12 @@ def require_family(model_patcher):
         diffusion_model = model_patcher.model.diffusion_model
         kind = type(diffusion_model)
         if f"{kind.__module__}.{kind.__qualname__}" in FAMILIES:  # family_of saw another token layout
+            patches = sorted({str(f.patch) for f in CANDIDATES[f"{kind.__module__}.{kind.__qualname__}"]})
             raise TypeError(
-                "attention recording, InstDiffEdit and FoI do not support this model yet: this is Flux.2 (or "
-                f"another model in {kind.__name__}'s class with patch size {diffusion_model.patch_size}; the "
-                f"pack reads patch-{PATCH} token grids). They support SD1.x, SD2.x and SDXL UNets and the DiT "
-                f"models {SUPPORTED}.")
+                "attention recording, InstDiffEdit and FoI do not support this model yet: a model in "
+                f"{kind.__name__}'s class with patch size {diffusion_model.patch_size} (the pack reads "
+                f"patch {' / '.join(patches)} token grids there). They support SD1.x, SD2.x and SDXL UNets "
+                f"and the DiT models {SUPPORTED}.")
         raise TypeError(
             f"attention recording, InstDiffEdit and FoI do not support this model ({kind.__name__}); they support SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."
@@ -51,7 +57,7 @@ def require_family(model_patcher):
 
 def dit_family(model_patcher):
     """None for a UNet (SD1.x, SD2.x, SDXL), the Family of a supported DiT, a clear error for any
-    other model (Flux.2 included): what the methods branch on."""
+    other model: what the methods branch on."""
     if hasattr(model_patcher.model.diffusion_model, "input_blocks"):
         return None
     return require_family(model_patcher)

@@ -22,17 +22,32 @@ class Family:
     patch = PATCH  # the diffusion model's patch_size for this token layout
     video = False  # maps have a frame axis (WanFamily)
 
+    @property
+    def spatial_patch(self):
+        """Latent pixels per token along height and width (2; Flux.2: 1)."""
+        return self.patch[-1] if isinstance(self.patch, (tuple, list)) else self.patch
+
+    @property
+    def level(self):
+        """The map grid is the latent / 2**level (patch 2: 1; Flux.2's patch 1: 0)."""
+        return int(self.spatial_patch).bit_length() - 1
+
+    def accepts(self, diffusion_model):
+        """Whether this adapter reads `diffusion_model` (of one of its CLASSES): several families
+        can share a class (Flux.1 and Flux.2 run in Flux's), told apart by structure."""
+        return _as_tuple(getattr(diffusion_model, "patch_size", self.patch)) == _as_tuple(self.patch)
+
     def depth(self, diffusion_model, kind):
         attribute = self.double if kind == "double" else self.single
         return len(getattr(diffusion_model, attribute)) if attribute else 0
 
     def layout(self, x, context, diffusion_model, kwargs):
         """The token layout of one forward, from the APPLY_MODEL inputs."""
-        return layout_of(x, context, diffusion_model)
+        return layout_of(x, context, diffusion_model, self.spatial_patch)
 
     def map_grid(self, latent_dims):
         """The recorded map's shape for a latent's dims after batch and channels."""
-        return token_grid(latent_dims[-2:])
+        return token_grid(latent_dims[-2:], self.spatial_patch)
 
     def text_calls(self, diffusion_model, keys):
         """{block key: index of the prompt's attention call inside the block}, or None where every
@@ -52,6 +67,7 @@ class Layout:
     n_img: int  # the generated image's tokens; reference-image tokens follow them
     query_start: int = None  # first generated-image query row; None: right after the text (joint)
     n_real: int = None  # Wan: text keys before umT5's zeroed padding; None: every text key counts
+    key_start: int = 0  # Flux.2: first text key that counts (its zero left-padding precedes it)
 
     @property
     def image_rows(self):
@@ -59,18 +75,22 @@ class Layout:
         return slice(start, start + self.n_img)
 
 
-def token_grid(latent_hw):
-    """The generated image's token grid (patch 2, padded) for a latent (h, w)."""
-    return (math.ceil(int(latent_hw[0]) / PATCH), math.ceil(int(latent_hw[1]) / PATCH))
+def _as_tuple(patch):
+    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch,)
 
 
-def layout_of(x, context, diffusion_model):
+def token_grid(latent_hw, patch=PATCH):
+    """The generated image's token grid (patch x patch tokens, padded) for a latent (h, w)."""
+    return (math.ceil(int(latent_hw[0]) / patch), math.ceil(int(latent_hw[1]) / patch))
+
+
+def layout_of(x, context, diffusion_model, patch=PATCH):
     """The token layout of one forward, from the APPLY_MODEL inputs (noisy latent, context)."""
     if x.ndim == 5 and x.shape[2] > 1:
         raise TypeError(
             f"this latent has {x.shape[2]} frames (Qwen-Image Layered in newer ComfyUI, or a video "
             "latent): attention recording, InstDiffEdit and FoI read one image's token grid and do not "
             "support multi-frame latents yet. Use a one-image latent (EmptySD3LatentImage / VAE Encode).")
-    height, width = token_grid(x.shape[-2:])
+    height, width = token_grid(x.shape[-2:], patch)
     registers = getattr(diffusion_model, "register_length", 0)
     return Layout(registers, registers + context.shape[1], height * width)

@@ -109,6 +109,10 @@ VARIANTS = {
     ("flux", "flux2"): ({"vector_in.in_layer.weight": None, "img_in.weight": (64, 128),
                          "double_stream_modulation_img.lin.weight": (6 * 64, 64)},
                         {"vec_in_dim": None, "axes_dim": [8, 8, 8, 8]}),
+    # Flux.2 [klein] (ComfyUI >= 0.9.2): Flux.2 without the guidance embedding (step-distilled)
+    ("flux", "klein"): ({"vector_in.in_layer.weight": None, "guidance_in.in_layer.weight": None,
+                         "img_in.weight": (64, 128), "double_stream_modulation_img.lin.weight": (6 * 64, 64)},
+                        {"vec_in_dim": None, "axes_dim": [8, 8, 8, 8]}),
     # Qwen-Image-Edit-2511: the marker key by which ComfyUI (>= 0.5) sets
     # default_ref_method="index_timestep_zero" (reference tokens at timestep 0, a 2B-batch temb)
     ("qwen", "edit_2511"): ({"__index_timestep_zero__": (0,)}, {}),
@@ -159,7 +163,10 @@ def _init(model, seed):
 
 # the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
 REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
-              "qwen": {"num_layers": 60}}
+              "qwen": {"num_layers": 60},
+              # Flux.2 [dev] 8 + 48 blocks; [klein] 4B 5 + 20 (9B: 8 + 24)
+              ("flux", "flux2"): {"depth": 8, "depth_single_blocks": 48},
+              ("flux", "klein"): {"depth": 5, "depth_single_blocks": 20}}
 
 
 def _text_widths(family, detected, config, context_dim, pooled_dim):
@@ -201,7 +208,7 @@ def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None
     import comfy.model_patcher
 
     overrides = _text_widths(family, detected_config(family, size, variant),
-                             dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
+                             dict(REAL_DEPTH.get((family, variant), REAL_DEPTH.get(family, {})) if real_depth else {}), context_dim, pooled_dim)
     model_config = supported_config(family, size, variant, overrides)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)

@@ -86,7 +86,7 @@ def _planted_q(q, k, bias, call):
 
 def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", noise=0.0, noise_seed=0):
     """A clone of `model` (a DiT ModelPatcher) that adds `beta` to the logits between the image
-    tokens where `region` ([h/2, w/2] bool, the token grid; or [B, h/2, w/2] per batch row) is
+    tokens where `region` ([h/2, w/2] bool, the token grid (Flux.2: [h, w]); or per batch row) is
     True and the prompt tokens `token_columns` (positions in the conditioning), in the batch rows
     of the conds listed in `branches` (0 = positive, 1 = negative; `cond_or_uncond` values).
     mode "bias": through the attention-mask argument; "qk": by editing q and k (_planted_qk);
@@ -99,9 +99,13 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
     families = pack_module("attention.families")
     columns = list(token_columns)
     diffusion_model = model.model.diffusion_model
+    family = families.require_family(model)  # its token layout (Flux.2: patch 1, left-padded text)
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        layout = families.layout_of(x, c_crossattn, diffusion_model)
+        layout = family.layout(x, c_crossattn, diffusion_model, kw)
+        # each batch row's first prompt token (Flux.2 left-pads each prompt to 512 by its own length)
+        starts = [family.layout(x[r:r + 1], c_crossattn[r:r + 1], diffusion_model, kw).prompt_start
+                  for r in range(x.shape[0])]
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
         planted_rows = torch.tensor([kind in branches for kind in chunks for _ in range(per_chunk)])
@@ -115,7 +119,8 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
             bias = torch.zeros(batch, 1, length, key_length, dtype=dtype, device=device)
             values = (grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)).to(device)
             for column in columns:
-                bias[:, 0, layout.image_rows, layout.prompt_start + column] = values
+                for row, start in enumerate(starts):
+                    bias[row, 0, layout.image_rows, start + column] = values[row]
             if not noise:
                 return bias, None
             pattern = torch.randn(per_chunk, layout.n_img, layout.n_txt,
