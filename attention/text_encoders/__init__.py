@@ -1,6 +1,6 @@
 """Word <-> token positions for every text encoder the pack supports: one reader per encoder
 (clip: SD1.x / SD2.x / SDXL; t5: Flux, Kontext, Chroma, Wan's umT5; sd3; qwen25vl: Qwen-Image
-(-Edit)), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
+(-Edit); tekken: Flux.2 [dev]'s Mistral), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
 which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
 """
 from .clip import CLIP_PARTS, clip_prompt_tokens
@@ -8,9 +8,11 @@ from .mapping import UnsupportedEncoderError, tokenizer_parts
 from .qwen25vl import QWEN_IMAGE
 from .sd3 import SD3
 from .t5 import CHROMA, FLUX, WAN
+from .tekken import TEKKEN
 
 # family -> Encoder
 ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN}
+ENCODERS["flux2"] = TEKKEN  # Flux.2 [dev]'s Mistral (tekken.py)
 
 
 def encoder_family(clip):

@@ -17,6 +17,10 @@ real one; channels tiny):
   wan         umT5 [1, max(512, n), 32], padding rows zeroed; its SentencePiece model comes from the
               checkpoint (`spiece_model`): here the one ComfyUI ships for its Pile T5
               (comfy/text_encoders/t5_pile_tokenizer/tokenizer.model), which runs the same code
+  flux2       Flux.2 [dev]'s Mistral-Small-3.1 (31 tiny layers: ComfyUI reads layers 10, 20, 30)
+              [1, n, 3 * 32], n = the templated prompt's tokens (model_base.Flux2 left-pads to 512);
+              its tekken tokenizer comes from the checkpoint (`tekken_model`): here mistral-common's
+              tekken_240911.json (tekken_data())
 """
 import functools
 
@@ -32,11 +36,14 @@ TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
 
 FAMILIES = ("flux", "sd3", "chroma", "qwen_image", "wan")
+BUILDABLE = FAMILIES + ("flux2",)  # flux2: tests/test_tekken_tokens.py
+TINY_MISTRAL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 31, "num_attention_heads": 2,
+                "num_key_value_heads": 1}
 
 
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
-             "stable_audio": "stable_audio", "wan": "wan"}
+             "stable_audio": "stable_audio", "wan": "wan", "flux2": "flux2"}
 
 
 def skip_reason(family):
@@ -66,6 +73,11 @@ def _clip_target(family):
                                                       _tiny_vision_qwen_te(qwen_image.te()))
     if family == "wan":
         return sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v"}).clip_target({})
+    if family == "flux2":  # [dev]: the checkpoint's Mistral-Small-3.1 keys (all 40 layers: not pruned)
+        prefix = "text_encoders.mistral3_24b.transformer."
+        present = {f"{prefix}model.norm.weight": torch.zeros(1),
+                   f"{prefix}model.layers.39.post_attention_layernorm.weight": torch.zeros(1)}
+        return sm.Flux2({"image_model": "flux2", "hidden_size": 6144}).clip_target(present)
     config = {"flux": sm.Flux, "sd3": sm.SD3, "chroma": sm.Chroma}[family]
     unet = {"flux": {"image_model": "flux"}, "sd3": {"in_channels": 16, "pos_embed_scaling_factor": None},
             "chroma": {"image_model": "chroma"}}[family]
@@ -112,7 +124,8 @@ def _tiny_vision_qwen_te(te_class):
 def _model_options(family):
     width = {"sd3": {**TINY_T5, "d_model": 4096}}.get(family, TINY_T5)  # SD3 joins CLIP and T5 at 4096
     return {"t5xxl_model_config": width, "umt5xxl_model_config": dict(TINY_T5), "clip_l_model_config": dict(TINY_CLIP_L),
-            "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN)}
+            "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN),
+            "mistral3_24b_model_config": dict(TINY_MISTRAL)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,8 +133,8 @@ def build_dit_clip(family, seed=0):
     """A comfy.sd.CLIP of the family ("flux", "sd3", "chroma", "qwen_image") with ComfyUI's real
     tokenizer and tiny random-weight encoders (cached: do not mutate it). Flux Kontext uses
     Flux's text encoder, Qwen-Image-Edit Qwen-Image's."""
-    if family not in FAMILIES:
-        raise ValueError(f"build_dit_clip: family must be one of {FAMILIES}, got {family!r}")
+    if family not in BUILDABLE:
+        raise ValueError(f"build_dit_clip: family must be one of {BUILDABLE}, got {family!r}")
     reason = skip_reason(family)
     if reason:
         raise RuntimeError(reason)
@@ -141,6 +154,8 @@ def build_dit_clip(family, seed=0):
 
 
 def _tokenizer_data(family):
+    if family == "flux2":
+        return {"tekken_model": tekken_data()}
     if family != "wan":
         return {}
     path = host.host_root() / "comfy" / "text_encoders" / "t5_pile_tokenizer" / "tokenizer.model"
@@ -174,3 +189,73 @@ def build_unsupported_clip(seed=0):
         clip = comfy.sd.CLIP(target, model_options={"t5base_model_config": dict(TINY_T5)})
     _init_every_weight(clip.cond_stage_model, seed)
     return clip
+
+
+# Mistral's tekken special tokens 0-19 (mistral-common's Tekkenizer.DEPRECATED_SPECIAL_TOKENS; the
+# rest up to the file's default_num_special_tokens are "<SPECIAL_i>"), which a checkpoint's
+# tekken.json lists under "special_tokens" and ComfyUI's load_mistral_tokenizer reads there
+TEKKEN_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+
+
+def tekken_file():
+    """mistral-common's tekken_240911.json (the PyPI package ships real tekken files), found
+    without importing the package (its import needs tiktoken and pydantic, which the tests do not)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        raise RuntimeError("the Flux.2 [dev] tokenizer tests need the mistral-common package (pip install "
+                           "mistral-common; .ci/run installs it) for a real tekken file")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "tekken_240911.json"
+
+
+@functools.lru_cache(maxsize=None)
+def tekken_data():
+    """The tekken file as a Flux.2 checkpoint carries it (`tekken_model` bytes, special tokens
+    listed), and ComfyUI's Mistral loader made to run on the installed transformers (_mistral_compat)."""
+    import json
+
+    data = json.loads(tekken_file().read_text())
+    count = data["config"]["default_num_special_tokens"]
+    data["special_tokens"] = [{"rank": i, "token_str": TEKKEN_SPECIALS[i] if i < len(TEKKEN_SPECIALS)
+                               else f"<SPECIAL_{i}>", "is_control": True} for i in range(count)]
+    data.pop("image", None)
+    raw = json.dumps(data).encode()
+    _mistral_compat(raw)
+    return raw
+
+
+def _mistral_compat(raw):
+    """ComfyUI 0.19.3's load_mistral_tokenizer calls transformers 4.x's
+    `MistralConverter(vocab=..., additional_special_tokens=...)`; transformers 5 (the dev venvs'
+    5.25) takes a tekken file path instead (`vocab_file`), and imports mistral-common's tekkenizer
+    when that package is importable (it is, installed without its dependencies, for the data
+    file). Where the host's transformers is the 5.x one, give ComfyUI's call the 5.x converter on
+    the same tekken data, written to a file, which builds the same byte-level BPE; mistral-common
+    is then not needed at import time. Test-only: a user's ComfyUI pins its own transformers."""
+    import inspect
+    import tempfile
+
+    import transformers.utils.import_utils as import_utils
+
+    if "is_mistral_common_available" in vars(import_utils):
+        import_utils.is_mistral_common_available = lambda *args, **kwargs: False
+    try:
+        import transformers.integrations.mistral as mistral
+        converter = mistral.MistralConverter
+    except (ImportError, AttributeError):
+        return
+    if "vocab_file" not in inspect.signature(converter.__init__).parameters:
+        return  # transformers 4.x: ComfyUI's call works as written
+    handle = tempfile.NamedTemporaryFile("wb", suffix="_tekken.json", delete=False)
+    handle.write(raw)
+    handle.close()
+
+    class ComfyCallConverter(converter):
+        def __init__(self, vocab=None, additional_special_tokens=None, **kwargs):
+            super().__init__(handle.name)
+
+    mistral.MistralConverter = ComfyCallConverter
