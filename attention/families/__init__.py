@@ -1,15 +1,16 @@
 """The DiT families the pack reads attention on: one adapter module per family (flux, sd3,
-qwen_image, wan), each listing the diffusion-model classes it handles in CLASSES; this module
+qwen_image, wan, z_image), each listing the diffusion-model classes it handles in CLASSES; this module
 finds a model's family and refuses the rest with a clear message.
 """
-from . import flux, qwen_image, sd3, wan
+from . import flux, qwen_image, sd3, wan, z_image
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
 # the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
 # token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
-FAMILIES = {**flux.CLASSES, **sd3.CLASSES, **qwen_image.CLASSES, **wan.CLASSES}
-SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) and Wan 2.1 / 2.2 video"
+FAMILIES = {**flux.CLASSES, **sd3.CLASSES, **qwen_image.CLASSES, **wan.CLASSES, **z_image.CLASSES}
+SUPPORTED = ("Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit), Z-Image (Turbo) and Wan "
+             "2.1 / 2.2 video")
 
 
 def family_of(model_patcher):
@@ -19,6 +20,8 @@ def family_of(model_patcher):
     family = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
     if family is not None and _as_tuple(getattr(diffusion_model, "patch_size", family.patch)) != _as_tuple(family.patch):
         return None  # another token layout in a known class: Flux.2 (0.3.72+) runs in Flux's class, patch 1
+    if family is not None and not family.accepts(model_patcher):
+        return None  # another model in the family's class (Lumina 2.0 in Z-Image's NextDiT)
     return family
 
 
@@ -35,7 +38,12 @@ def require_family(model_patcher):
     if family is None:
         diffusion_model = model_patcher.model.diffusion_model
         kind = type(diffusion_model)
-        if f"{kind.__module__}.{kind.__qualname__}" in FAMILIES:  # family_of saw another token layout
+        known = FAMILIES.get(f"{kind.__module__}.{kind.__qualname__}")
+        if known is not None and known.refusal(diffusion_model) is not None:  # family_of saw another model
+            raise TypeError(f"attention recording, InstDiffEdit and FoI do not support this model: "
+                            f"{known.refusal(diffusion_model)}. They support SD1.x, SD2.x and SDXL UNets and "
+                            f"the DiT models {SUPPORTED}.")
+        if known is not None:  # family_of saw another token layout
             raise TypeError(
                 "attention recording, InstDiffEdit and FoI do not support this model yet: this is Flux.2 (or "
                 f"another model in {kind.__name__}'s class with patch size {diffusion_model.patch_size}; the "

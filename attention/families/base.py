@@ -21,6 +21,26 @@ class Family:
     single: str = None  # attribute holding Flux-style single blocks, if any
     patch = PATCH  # the diffusion model's patch_size for this token layout
     video = False  # maps have a frame axis (WanFamily)
+    # how the running block is told apart: a patches_replace["dit"] BlockTag on each chosen block
+    # (True), or running_block() on the attention call's transformer_options (Z-Image)
+    blocks_by_patch = True
+
+    def accepts(self, model_patcher):
+        """Whether this model (in one of CLASSES' classes, with the family's patch size) is the family's."""
+        return True
+
+    def refusal(self, diffusion_model):
+        """Why a model in the family's class is not accepted (None: Flux.2's message)."""
+        return None
+
+    def running_block(self, transformer_options):
+        """The ("double_block", i) key of the block running now, from an attention call's
+        transformer_options; only where not blocks_by_patch."""
+        return None
+
+    def refuses(self, method):
+        """Why `method` ("FoI") does not run on this family yet, or None."""
+        return None
 
     def depth(self, diffusion_model, kind):
         attribute = self.double if kind == "double" else self.single

@@ -99,9 +99,11 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
     families = pack_module("attention.families")
     columns = list(token_columns)
     diffusion_model = model.model.diffusion_model
+    family = families.family_of(model)  # Z-Image pads its caption: the family's own layout
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        layout = families.layout_of(x, c_crossattn, diffusion_model)
+        layout = (families.layout_of(x, c_crossattn, diffusion_model) if family is None else
+                  family.layout(x, c_crossattn, diffusion_model, kw))
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
         planted_rows = torch.tensor([kind in branches for kind in chunks for _ in range(per_chunk)])
