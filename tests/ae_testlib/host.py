@@ -94,6 +94,8 @@ FEATURES = {
             ["comfy.ldm.wan.model:VaceWanModel", "comfy.supported_models:WAN22_T2V", "comfy.text_encoders.wan"]),
     "z_image": ("Z-Image models (supported_models.ZImage, Lumina2's NextDiT) with the Qwen3-4B text encoder",
                 ["comfy.supported_models:ZImage", "comfy.text_encoders.z_image:ZImageTokenizer"]),
+    "flux2_klein": ("Flux.2 [klein]'s Qwen3-4B / Qwen3-8B text encoders (KleinTokenizer, KleinTokenizer8B)",
+                    ["comfy.text_encoders.flux:KleinTokenizer8B", "comfy.text_encoders.flux:klein_te"]),
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
