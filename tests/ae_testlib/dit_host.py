@@ -208,19 +208,21 @@ def supported_config(family, size="tiny", variant=None, overrides=None):
 
 
 def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None, real_depth=False,
-          context_dim=None, pooled_dim=None):
+          context_dim=None, pooled_dim=None, depth=None):
     """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
     VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config.
     size "tiny" (tests), "full" (full width, 2 + 2 blocks: benchmarks) or "real" (the real
     model); `real_depth` gives a tiny model the released model's block count (REAL_DEPTH),
-    `context_dim` / `pooled_dim` a real text encoder's widths. On the CPU in float32 (or
+    `context_dim` / `pooled_dim` a real text encoder's widths, `depth` other block counts (config
+    keys, e.g. Z-Image's {"n_layers": 1, "n_refiner_layers": 1}). On the CPU in float32 (or
     `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
     (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
 
     overrides = _text_widths(family, detected_config(family, size, variant),
-                             dict(REAL_DEPTH.get(family, {}) if real_depth else {}), context_dim, pooled_dim)
+                             dict(REAL_DEPTH.get(family, {}) if real_depth else {}, **(depth or {})),
+                             context_dim, pooled_dim)
     model_config = supported_config(family, size, variant, overrides)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)
