@@ -1,10 +1,11 @@
-"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image; Wan video) while sampling.
+"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image, Z-Image; Wan video) while sampling.
 
 Installed on the sampling clone through three public hooks, each chaining to what is there:
 - an APPLY_MODEL wrapper reads each forward's token layout (text length, image grid), its batch
   rows (`cond_or_uncond`) and step, and marks the forward recordable;
 - `patches_replace["dit"]` block patches on the chosen blocks say which block is running, and call
-  the block patch that was there before (or the original block);
+  the block patch that was there before (or the original block); a family without that hook
+  (Z-Image) says it through the transformer_options the model writes (Family.running_block);
 - `transformer_options["optimized_attention_override"]` sees every attention call; inside a
   chosen block of a recordable forward it adds the image queries' text probabilities to a running
   sum on the device (attention/dit_kernel.py), and returns the attention output the model would
@@ -36,6 +37,7 @@ class _Forward:
     rows: object  # slice or index tensor of the batch rows of the recorded branch
     chunks: int  # how many cond chunks of that branch the rows hold
     text_calls: dict = None  # block key -> the prompt's call index in it (Wan); None: joint attention
+    block_of: object = None  # transformer_options -> chosen block key or None (Z-Image); None: BlockTag
 
 
 class _Shared(ChainedPatch):
@@ -87,7 +89,11 @@ class _AttentionOverride(_Shared):
     def __call__(self, func, *args, **kwargs):
         recorder = self.recorder
         forward = recorder.forward
-        if forward is None or recorder.block is None:
+        if forward is not None and forward.block_of is not None:  # the model says which block runs (Z-Image)
+            block = forward.block_of(kwargs.get("transformer_options"))
+            if block is None:
+                return self._run(func, args, kwargs)
+        elif forward is None or recorder.block is None:
             return self._run(func, args, kwargs)
         index, recorder.call = recorder.call, recorder.call + 1
         call = bind_attention_args(args, kwargs)
@@ -156,10 +162,11 @@ class DiTRecorder(AttentionRecorder):
         if family.video:
             self.frames = self.grid[0]
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
-        self._tags = tag_blocks(model_clone, self.blocks, self)
-        options = model_clone.model_options["transformer_options"]
+        # blocks without a patches_replace["dit"] hook (Z-Image) are told apart in the override instead
+        self._tags = tag_blocks(model_clone, self.blocks, self) if family.blocks_by_patch else {}
+        options = model_clone.model_options.setdefault("transformer_options", {})
         options["optimized_attention_override"] = _AttentionOverride(self, options.get("optimized_attention_override"))
-        self._dit_keys = set(options["patches_replace"]["dit"])
+        self._dit_keys = set(options.get("patches_replace", {}).get("dit", {}))
         model_clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                          self._apply_model)
         self.watch_conds(model_clone)
@@ -189,7 +196,12 @@ class DiTRecorder(AttentionRecorder):
             self.n_tokens = context.shape[1]
         if context.shape[1] < self.n_tokens:
             return None  # another, shorter conditioning (its words are not the recorded prompt's)
-        return _Forward(layout, rows, chunks, self._text_calls)
+        block_of = None if self._family.blocks_by_patch else self._chosen_block
+        return _Forward(layout, rows, chunks, self._text_calls, block_of)
+
+    def _chosen_block(self, transformer_options):
+        block = self._family.running_block(transformer_options)
+        return block if block in self.blocks else None
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                      transformer_options={}, **kwargs):

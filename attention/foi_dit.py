@@ -333,6 +333,9 @@ def install_foi_dit(model_clone, state):
     import comfy.patcher_extension
 
     family = require_family(model_clone)
+    if family.refuses("FoI"):
+        raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux, SD3 / SD3.5, Qwen-Image (incl. Edit) and "
+                        "SD1.x / SD2.x / SDXL UNets.")
     diffusion_model = model_clone.model.diffusion_model
     state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model, "mask_blocks")
     tag_blocks(model_clone, state.mask_blocks, state)  # says when a mask block runs

@@ -1,12 +1,12 @@
 """The DiT families the pack reads attention on: one adapter module per family (flux, flux2,
-sd3, qwen_image, wan), each listing the diffusion-model classes it handles in CLASSES; this
+sd3, qwen_image, wan, z_image), each listing the diffusion-model classes it handles in CLASSES; this
 module finds a model's family and refuses the rest with a clear message.
 """
-from . import flux, flux2, qwen_image, sd3, wan
+from . import flux, flux2, qwen_image, sd3, wan, z_image
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
-MODULES = (flux, sd3, qwen_image, wan, flux2)  # a new family: its module here
+MODULES = (flux, sd3, qwen_image, wan, flux2, z_image)  # a new family: its module here
 
 # the diffusion_model's exact class -> the families that run in it, tried in order (Family.accepts
 # tells them apart by structure: Flux.1 and Flux.2 share Flux's class). Exact, not isinstance:
@@ -17,8 +17,8 @@ for _module in MODULES:
     for _name, _family in _module.CLASSES.items():
         CANDIDATES.setdefault(_name, []).append(_family)
 FAMILIES = {name: found[0] for name, found in CANDIDATES.items()}  # each class's first family
-SUPPORTED = ("Flux (dev, schnell, Kontext), Flux.2 (dev, Klein), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) "
-             "and Wan 2.1 / 2.2 video")
+SUPPORTED = ("Flux (dev, schnell, Kontext), Flux.2 (dev, Klein), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit), "
+             "Z-Image (Turbo) and Wan 2.1 / 2.2 video")
 
 
 def family_of(model_patcher):
@@ -26,9 +26,9 @@ def family_of(model_patcher):
     diffusion_model = model_patcher.model.diffusion_model
     kind = type(diffusion_model)
     for family in CANDIDATES.get(f"{kind.__module__}.{kind.__qualname__}", ()):
-        if family.accepts(diffusion_model):
+        if family.accepts(model_patcher):
             return family
-    return None  # a known class with another token layout (patch size), or an unknown model
+    return None  # a known class with another token layout (patch size) or model, or an unknown model
 
 
 # The oldest ComfyUI tested with DiT models (CI runs 0.3.64 and 0.19.3, README "Supported ComfyUI").
@@ -40,8 +40,13 @@ def require_family(model_patcher):
     if family is None:
         diffusion_model = model_patcher.model.diffusion_model
         kind = type(diffusion_model)
-        if f"{kind.__module__}.{kind.__qualname__}" in FAMILIES:  # family_of saw another token layout
-            patches = sorted({str(f.patch) for f in CANDIDATES[f"{kind.__module__}.{kind.__qualname__}"]})
+        candidates = CANDIDATES.get(f"{kind.__module__}.{kind.__qualname__}", ())
+        refusals = [c.refusal(diffusion_model) for c in candidates if c.refusal(diffusion_model)]
+        if refusals:  # family_of saw another model in a family's class (Lumina 2.0 in Z-Image's)
+            raise TypeError(f"attention recording, InstDiffEdit and FoI do not support this model: {refusals[0]}. "
+                            f"They support SD1.x, SD2.x and SDXL UNets and the DiT models {SUPPORTED}.")
+        if candidates:  # family_of saw another token layout
+            patches = sorted({str(f.patch) for f in candidates})
             raise TypeError(
                 "attention recording, InstDiffEdit and FoI do not support this model yet: a model in "
                 f"{kind.__name__}'s class with patch size {diffusion_model.patch_size} (the pack reads "

@@ -21,6 +21,23 @@ class Family:
     single: str = None  # attribute holding Flux-style single blocks, if any
     patch = PATCH  # the diffusion model's patch_size for this token layout
     video = False  # maps have a frame axis (WanFamily)
+    # how the running block is told apart: a patches_replace["dit"] BlockTag on each chosen block
+    # (True), or running_block() on the attention call's transformer_options (Z-Image)
+    blocks_by_patch = True
+
+    def refusal(self, diffusion_model):
+        """Why a model in the family's class that accepts() turns down is refused (None: the
+        patch-size message)."""
+        return None
+
+    def running_block(self, transformer_options):
+        """The ("double_block", i) key of the block running now, from an attention call's
+        transformer_options; only where not blocks_by_patch."""
+        return None
+
+    def refuses(self, method):
+        """Why `method` ("FoI") does not run on this family yet, or None."""
+        return None
 
     @property
     def spatial_patch(self):
@@ -32,9 +49,10 @@ class Family:
         """The map grid is the latent / 2**level (patch 2: 1; Flux.2's patch 1: 0)."""
         return int(self.spatial_patch).bit_length() - 1
 
-    def accepts(self, diffusion_model):
-        """Whether this adapter reads `diffusion_model` (of one of its CLASSES): several families
-        can share a class (Flux.1 and Flux.2 run in Flux's), told apart by structure."""
+    def accepts(self, model_patcher):
+        """Whether this adapter reads the model (of one of its CLASSES): several families can share
+        a class (Flux.1 and Flux.2 run in Flux's), told apart by structure."""
+        diffusion_model = model_patcher.model.diffusion_model
         return _as_tuple(getattr(diffusion_model, "patch_size", self.patch)) == _as_tuple(self.patch)
 
     def depth(self, diffusion_model, kind):

@@ -1,23 +1,25 @@
 """Word <-> token positions for every text encoder the pack supports: one reader per encoder
 (clip: SD1.x / SD2.x / SDXL; t5: Flux, Kontext, Chroma, Wan's umT5; sd3; qwen25vl: Qwen-Image
-(-Edit); tekken: Flux.2 [dev]'s Mistral), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
-which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
+(-Edit); tekken: Flux.2 [dev]'s Mistral; qwen3: Z-Image, Flux.2 [klein]), found by the ComfyUI
+tokenizer's parts (and, where encoders share a part name, its class). Positions index the
+conditioning's token axis, which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
 """
 from .clip import CLIP_PARTS, clip_prompt_tokens
 from .mapping import UnsupportedEncoderError, tokenizer_parts
 from .qwen25vl import QWEN_IMAGE
+from .qwen3 import KLEIN, KLEIN_8B, Z_IMAGE
 from .sd3 import SD3
 from .t5 import CHROMA, FLUX, WAN
 from .tekken import TEKKEN
 
 # family -> Encoder
-ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN}
-ENCODERS["flux2"] = TEKKEN  # Flux.2 [dev]'s Mistral (tekken.py)
+ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN, "flux2": TEKKEN,
+            "z_image": Z_IMAGE, "flux2_klein": KLEIN, "flux2_klein_8b": KLEIN_8B}
 
 
 def encoder_family(clip):
-    """'flux', 'sd3', 'chroma', 'qwen_image', 'wan'; None for the CLIP encoders of SD1.x/SD2.x/SDXL.
-    Feature-detected from the tokenizer's parts."""
+    """A key of ENCODERS ('flux', 'sd3', 'qwen_image', 'z_image', ...); None for the CLIP encoders
+    of SD1.x/SD2.x/SDXL. Feature-detected from the tokenizer's parts."""
     tokenizer = clip.tokenizer
     parts = tokenizer_parts(tokenizer)
     if parts and parts <= CLIP_PARTS:

@@ -222,9 +222,11 @@ class Encoder:
     parts: frozenset  # the ComfyUI tokenizer's per-encoder tokenizers ({'clip_l', 't5xxl'} for Flux)
     read: object  # (clip, text, name) -> EncoderPromptTokens
     marker: str = None  # an attribute the tokenizer must also have (Qwen-Image's image template)
+    accepts: object = None  # tokenizer -> bool, where encoders share their parts (Qwen3: Z-Image / Klein)
 
     def matches(self, tokenizer):
-        return tokenizer_parts(tokenizer) == self.parts and (self.marker is None or hasattr(tokenizer, self.marker))
+        return (tokenizer_parts(tokenizer) == self.parts and (self.marker is None or hasattr(tokenizer, self.marker))
+                and (self.accepts is None or self.accepts(tokenizer)))
 
     def prompt_tokens(self, clip, text):
         return self.read(clip, text, self.name)

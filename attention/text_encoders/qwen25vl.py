@@ -1,8 +1,8 @@
 """Qwen2.5-VL (Qwen-Image, Qwen-Image-Edit 2509 / 2511): the prompt inside ComfyUI's chat
 template, the template prefix cut off the encoded sequence, vision tokens in place of each
 <|image_pad|> for the Edit models."""
-from .mapping import (Encoder, EncoderPromptTokens, UnsupportedEncoderError, check_ids, comfy_pieces, map_pieces,
-                      plain_id, spots_of, words_of)
+from .chat import map_chat, words_after_cut, writes_own_template
+from .mapping import Encoder, EncoderPromptTokens, UnsupportedEncoderError
 
 IM_START, IMAGE_PAD = 151644, 151655  # Qwen2.5-VL's <|im_start|> and <|image_pad|>
 QWEN_USER, QWEN_NEWLINE = 872, 198  # "user", "\n": the template tokens ComfyUI strips after <|im_start|>
@@ -28,36 +28,24 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
     `preamble`: what TextEncodeQwenImageEditPlus passes, its llama_template and the
     "Picture i: <|vision_start|><|image_pad|><|vision_end|>" text before the prompt (template
     text to us, not the user's words)."""
-    from comfy import sd1_clip
-
     encoder = QWEN_IMAGE.name
     if not QWEN_IMAGE.matches(clip.tokenizer):
         raise UnsupportedEncoderError(
             f"this node needs Qwen-Image's text encoder ({encoder}); got {type(clip.tokenizer).__name__}. "
             "Load the Qwen-Image CLIP (qwen_2.5_vl_7b), or use Attention Text Encode for other models.")
     tokenizer = clip.tokenizer
-    sd_tokenizer = tokenizer.qwen25_7b
     images = list(images)
     given = {"llama_template": template} if template else {}  # tokenize as the caller's node does
-    if (preamble + text).startswith(("<|im_start|>", "<|start_header_id|>")):
+    own = writes_own_template(preamble + text)
+    if own:
         template = "{}"  # the user wrote the whole template; ComfyUI adds none
     elif template is None:
         template = tokenizer.llama_template_images if images else tokenizer.llama_template
-    unescape = lambda s: sd1_clip.unescape_important(sd1_clip.escape_important(s))  # noqa: E731
-    prefix, suffix = (unescape(s) for s in template.split("{}", 1))
-    prefix += unescape(preamble)
-    body = unescape(text)
-    full = prefix + body + suffix
-    names = []
-    ids, owners = map_pieces(sd_tokenizer, comfy_pieces(full, 1.0, len(prefix), len(prefix) + len(body)),
-                              names, encoder)
-    tokenized = clip.tokenize(preamble + text, images=images, **given)["qwen25_7b"]
-    comfy_tokens = [plain_id(entry) for chunk in tokenized for entry in chunk]
+    comfy_tokens, owners, names = map_chat(clip, "qwen25_7b", text, template, encoder, preamble, images, given,
+                                           image_pad=IMAGE_PAD)
     comfy_ids = [IMAGE_PAD if isinstance(t, dict) else t for t in comfy_tokens]
-    check_ids(ids, comfy_ids, owners, names, text, encoder)
-
     cut = _qwen_template_end(comfy_ids)
-    hf = sd_tokenizer.tokenizer
+    hf = tokenizer.qwen25_7b.tokenizer
     im_end = hf.convert_tokens_to_ids("<|im_end|>")
     strings, positions, parts, ends = [], [], [], []
     counts = iter(vision_tokens if isinstance(vision_tokens, (list, tuple)) else [])
@@ -71,7 +59,9 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
             if token == im_end and not ends:
                 ends.append(len(strings))
             strings.append(hf.convert_ids_to_tokens(token))
-    words = words_of(names, spots_of(owners[cut:], positions))
+    # a prompt that writes its own template keeps its last user turn (ComfyUI cuts the rest, as the
+    # user chose); with ComfyUI's or a node's template, a word the cut drops is an error
+    words = words_after_cut(names, owners, positions, cut, text, encoder, strict=not own)
     return EncoderPromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts) + (("Qwen2.5-VL", 0, len(strings)),))
 

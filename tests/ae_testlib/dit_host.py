@@ -57,6 +57,8 @@ def _skeleton(family, size):
                 "pos_embed": (1, 32 * 32, hidden), "joint_blocks.0.context_block.attn.ln_q.weight": (64,),
                 "joint_blocks.0.x_block.attn2.qkv.weight": (3 * hidden, hidden),
                 **_blocks("joint_blocks.{}.context_block.attn.qkv.weight", depth, (3 * hidden, hidden))}
+    if family == "zimage":  # detection reads Z-Image from the 3840 width; tiny widths are set after matching
+        return _zimage_skeleton(2, 2560 if full else CONTEXT_DIM)
     if family == "qwen":  # full: the model class's defaults are Qwen-Image's widths
         hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
@@ -86,7 +88,17 @@ def _real_skeleton(family):
     if family == "qwen":
         return {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 60, (6 * 3072, 3072))}
+    if family == "zimage":
+        return _zimage_skeleton(30, 2560)
     raise ValueError(f"no real {family!r} model here; one of {FAMILIES}")
+
+
+def _zimage_skeleton(layers, caption_width):
+    """Z-Image (Turbo): 3840 wide (what detection reads it by), Qwen3-4B's 2560-wide captions, the
+    caption / image pad tokens (pad_tokens_multiple 32), `layers` main layers."""
+    return {"cap_embedder.1.weight": (3840, caption_width), "noise_refiner.0.attention.k_norm.weight": (128,),
+            "cap_pad_token": (1, 3840), "x_pad_token": (1, 3840),
+            **_blocks("layers.{}.ffn_norm1.weight", layers, (3840,))}
 
 
 # What detection cannot read from the skeleton's few keys (it assumes the full model's head count
@@ -99,7 +111,12 @@ _TINY = {
     "sd3": {},
     "qwen": dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
                  axes_dims_rope=(8, 12, 12)),
+    "zimage": {},  # _TINY_AFTER_MATCH: ComfyUI picks supported_models.ZImage by its 3840 width
 }
+# Widths set once the supported_models class is picked (its unet_config matches on them). Z-Image's
+# timestep embedding is 256 wide whatever the model's width, and its blocks read min(dim, 256) of it:
+# 256 is the smallest width that runs.
+_TINY_AFTER_MATCH = {"zimage": dict(dim=256, n_heads=4, n_kv_heads=4, axes_dims=[16, 24, 24])}
 
 
 # Checkpoint variants of a family's skeleton: keys added (a shape) or left out (None), and the
@@ -163,7 +180,7 @@ def _init(model, seed):
 
 # the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
 REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
-              "qwen": {"num_layers": 60},
+              "qwen": {"num_layers": 60}, "zimage": {"n_layers": 30},
               # Flux.2 [dev] 8 + 48 blocks; [klein] 4B 5 + 20 (9B: 8 + 24)
               ("flux", "flux2"): {"depth": 8, "depth_single_blocks": 48},
               ("flux", "klein"): {"depth": 5, "depth_single_blocks": 20}}
@@ -177,7 +194,7 @@ def _text_widths(family, detected, config, context_dim, pooled_dim):
             config["context_embedder_config"] = {"target": "torch.nn.Linear",
                                                  "params": {"in_features": context_dim, "out_features": width}}
         else:
-            config[{"qwen": "joint_attention_dim"}.get(family, "context_in_dim")] = context_dim
+            config[{"qwen": "joint_attention_dim", "zimage": "cap_feat_dim"}.get(family, "context_in_dim")] = context_dim
     if pooled_dim is not None:
         config[{"sd3": "adm_in_channels"}.get(family, "vec_in_dim")] = pooled_dim
     return config
@@ -192,23 +209,28 @@ def supported_config(family, size="tiny", variant=None, overrides=None):
     found = comfy.model_detection.model_config_from_unet_config(config)
     if found is None:
         raise RuntimeError(f"no supported_models class matches the detected {family} config {config}")
+    if size == "tiny":
+        found.unet_config.update(_TINY_AFTER_MATCH.get(family, {}))
     return found
 
 
 def build(family, seed=0, size="tiny", on_device=False, dtype=None, variant=None, real_depth=False,
-          context_dim=None, pooled_dim=None):
+          context_dim=None, pooled_dim=None, depth=None):
     """A ModelPatcher around a random-weight DiT of `family` (one of FAMILIES; `variant` a
     VARIANTS entry), built by the supported_models class ComfyUI picks for the detected config.
     size "tiny" (tests), "full" (full width, 2 + 2 blocks: benchmarks) or "real" (the real
     model); `real_depth` gives a tiny model the released model's block count (REAL_DEPTH),
-    `context_dim` / `pooled_dim` a real text encoder's widths. On the CPU in float32 (or
+    `context_dim` / `pooled_dim` a real text encoder's widths, `depth` other block counts (config
+    keys, e.g. Z-Image's {"n_layers": 1, "n_refiner_layers": 1}). On the CPU in float32 (or
     `dtype`, computed in it), unless on_device: built as ComfyUI loads it on its device
     (host.on_comfy_device)."""
     require_dit_host()
     import comfy.model_patcher
 
     overrides = _text_widths(family, detected_config(family, size, variant),
-                             dict(REAL_DEPTH.get((family, variant), REAL_DEPTH.get(family, {})) if real_depth else {}), context_dim, pooled_dim)
+                             dict(REAL_DEPTH.get((family, variant), REAL_DEPTH.get(family, {})) if real_depth else {},
+                                  **(depth or {})),
+                             context_dim, pooled_dim)
     model_config = supported_config(family, size, variant, overrides)
     if on_device:
         return host.on_comfy_device(model_config, lambda model: _init(model, seed), dtype)

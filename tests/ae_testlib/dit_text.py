@@ -36,14 +36,19 @@ TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
 
 FAMILIES = ("flux", "sd3", "chroma", "qwen_image", "wan")
-BUILDABLE = FAMILIES + ("flux2",)  # flux2: tests/test_tekken_tokens.py
 TINY_MISTRAL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 31, "num_attention_heads": 2,
                 "num_key_value_heads": 1}
+# Qwen3 encoders (build_dit_clip takes them too): Z-Image's, Flux.2 [klein] 4B's and 9B's (Qwen3-8B)
+QWEN3_FAMILIES = ("z_image", "klein", "klein_8b")
+# Klein reads Qwen3's hidden states 9, 18 and 27: the tiny encoder keeps 28 layers (of width 32)
+TINY_QWEN3 = {**TINY_QWEN, "num_hidden_layers": 28}
+BUILDABLE = FAMILIES + ("flux2",) + QWEN3_FAMILIES  # flux2: Flux.2 [dev]'s Mistral (tests/test_tekken_tokens.py)
 
 
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
-             "stable_audio": "stable_audio", "wan": "wan", "flux2": "flux2"}
+             "stable_audio": "stable_audio", "wan": "wan", "flux2": "flux2", "z_image": "z_image",
+             "klein": "flux2_klein", "klein_8b": "flux2_klein"}
 
 
 def skip_reason(family):
@@ -71,6 +76,14 @@ def _clip_target(family):
 
         return comfy.supported_models_base.ClipTarget(qwen_image.QwenImageTokenizer,
                                                       _tiny_vision_qwen_te(qwen_image.te()))
+    if family == "z_image":
+        return sm.ZImage({"image_model": "lumina2", "dim": 3840}).clip_target({})
+    if family in ("klein", "klein_8b"):  # what supported_models.Flux2.clip_target picks for a Qwen3 checkpoint
+        from comfy.text_encoders import flux
+
+        tokenizer = flux.KleinTokenizer if family == "klein" else flux.KleinTokenizer8B
+        model_type = "qwen3_4b" if family == "klein" else "qwen3_8b"
+        return comfy.supported_models_base.ClipTarget(tokenizer, flux.klein_te(model_type=model_type))
     if family == "wan":
         return sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v"}).clip_target({})
     if family == "flux2":  # [dev]: the checkpoint's Mistral-Small-3.1 keys (all 40 layers: not pruned)
@@ -125,7 +138,8 @@ def _model_options(family):
     width = {"sd3": {**TINY_T5, "d_model": 4096}}.get(family, TINY_T5)  # SD3 joins CLIP and T5 at 4096
     return {"t5xxl_model_config": width, "umt5xxl_model_config": dict(TINY_T5), "clip_l_model_config": dict(TINY_CLIP_L),
             "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN),
-            "mistral3_24b_model_config": dict(TINY_MISTRAL)}
+            "mistral3_24b_model_config": dict(TINY_MISTRAL), "qwen3_4b_model_config": dict(TINY_QWEN3),
+            "qwen3_8b_model_config": dict(TINY_QWEN3)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,15 +5,14 @@ one single block, random weights, on CPU with PyTorch attention; recording uses 
 late double blocks: here block 0, the only one). Plain and recording runs alternate; medians are
 compared, for wall time and for the CPU time of the sampling thread (torch runs on that one
 thread; on a shared machine its CPU time is far steadier than wall time). Peak memory is the
-largest RSS rise over a run (bench_magedit.PeakMemory).
+largest RSS rise over a run (bench_magedit.PeakMemory); the timing is recording_cost.compare.
 """
-import statistics
 import time
 
 import torch
 
-from bench_magedit import PeakMemory
-from common import interleaved, pack_module, report
+from common import pack_module
+from recording_cost import compare
 from ae_testlib import dit_host
 
 record = pack_module("samplers.record")
@@ -52,41 +51,8 @@ def run(args, model=None):
     steps = args.dit_steps
     for size in (int(s) for s in args.dit_sizes.split(",")):
         latent = {"samples": torch.zeros(1, 16, size // 8, size // 8)}
-        sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
-        peaks, cpu = {}, {}
-
-        def measured(name, function):
-            def go():
-                start = time.thread_time()
-                with PeakMemory(torch.device("cpu")) as memory:
-                    function()
-                cpu.setdefault(name, []).append(time.thread_time() - start)
-                peaks[name] = max(peaks.get(name, 0), memory.peak)
-            return go
-
-        def plain():
-            common.ksample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent, sigmas)
-
-        def recording(normalise):
-            return lambda: record.sample_recording(model, 0, steps, 1.0, "euler", "simple", positive, negative,
-                                                   latent, normalise=normalise)
-
-        variants = {"plain sampling": measured("plain sampling", plain),
-                    "recording (text keys)": measured("recording (text keys)", recording("text")),
-                    "recording (joint)": measured("recording (joint)", recording("joint"))}
-        medians, runs = interleaved(variants, args.repeats)
-        report(f"DiT recording, full-width Flux blocks, {size} px, {steps} step(s), cfg 1", medians,
-               "plain sampling", target=1.05)
-        for name, values in runs.items():
-            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-        report("same runs, CPU time of the sampling thread", {n: statistics.median(v) for n, v in cpu.items()},
-               "plain sampling", target=1.05)
-        for name, values in cpu.items():
-            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-        base = peaks["plain sampling"]
-        print("  peak RSS rise: " + ", ".join(f"{n} {p / 2 ** 20:.0f} MiB" for n, p in peaks.items())
-              + "; extra over plain: " + ", ".join(f"{n} {(p - base) / max(base, 1):+.1%}"
-                                                    for n, p in peaks.items() if n != "plain sampling"))
+        compare(f"DiT recording, full-width Flux blocks, {size} px, {steps} step(s), cfg 1", model, positive,
+                negative, latent, steps, args.repeats, normalisations=("text", "joint"))
 
     print("\n## DiT recorded-map memory (full-width Flux, 256 px)")
     latent = {"samples": torch.zeros(1, 16, 32, 32)}

@@ -1,6 +1,6 @@
 """InstDiffEdit on DiTs: which start map finds a planted word (docs/instdiffedit.md, "DiT models").
 
-Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image 60), weight
+Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image 60, Z-Image 30), weight
 seeds 0..N-1, conditioning from ComfyUI's own tokenizers and text-encoder classes (tiny random
 encoders, ae_testlib.dit_text), a 24 x 34 latent (12 x 17 tokens), batch 2 with a different
 region per image, "cat" planted on it by a logit bias (`bias`, the attention-mask argument) or
@@ -10,6 +10,7 @@ region at latent size (min / mean).
 
     python tests/benchmarks/measure_instdiffedit_dit.py --family sd3 --seeds 4 --betas 2,4,8
     python tests/benchmarks/measure_instdiffedit_dit.py --family flux --words 125 --candidates end
+    python tests/benchmarks/measure_instdiffedit_dit.py --family zimage --candidates first,open,end,noword
 """
 import argparse
 import statistics
@@ -34,10 +35,15 @@ def candidates(tokens):
     """Start-map candidates: token columns standing in for CLIP's start token."""
     worded = {p for word in tokens.words for p in word.positions}
     last = max(worded)
+    first = min(worded)
     return {
         "start": [i for i, s in enumerate(tokens.token_strings) if s == "<start>"][:1],
         "end": [i for i in range(last + 1, tokens.n_tokens) if i not in worded],
         "noword": [i for i in range(tokens.n_tokens) if i not in worded],
+        # a chat template's tokens before the prompt (Qwen3: "<|im_start|>", "user", "\n"): like
+        # CLIP's start token a causal encoder gives them the same vectors whatever the prompt
+        "open": list(range(first)),
+        "first": [0] if 0 not in worded else [],
     }
 
 
@@ -51,7 +57,7 @@ def encoded(clip, text, tokens_mod, tokens):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen"))
+    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen", "zimage"))
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--betas", default="2,4,8")
     parser.add_argument("--modes", default="bias,qk")
@@ -70,7 +76,7 @@ def main():
     capture_mod = pack_module("samplers.instdiffedit_capture")
     tokens_mod = pack_module("attention.tokens")
     text_encoders = pack_module("attention.text_encoders")
-    encoder = {"qwen": "qwen_image"}.get(args.family, args.family)
+    encoder = {"qwen": "qwen_image", "zimage": "z_image"}.get(args.family, args.family)
     clip = dit_text.build_dit_clip(encoder)
     text = long_prompt(args.words) if args.words else PROMPT
     tokens = text_encoders.prompt_tokens(clip, text)

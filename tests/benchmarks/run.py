@@ -9,7 +9,8 @@ import time
 
 from common import host, setup
 
-BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit", "foi_dit", "wan_record")
+BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit", "foi_dit", "wan_record",
+           "z_image_record")
 
 
 def main():
@@ -23,6 +24,7 @@ def main():
     parser.add_argument("--foi-dit-size", type=int, default=512, help="foi_dit: image size in px")
     parser.add_argument("--foi-dit-steps", type=int, default=3, help="foi_dit: sampling steps per run")
     parser.add_argument("--wan-size", default="480x832x33", help="wan_record: HxWxFRAMES in pixels / decoded frames")
+    parser.add_argument("--z-image-sizes", default="1024", help="z_image_record: image sizes in px")
     args = parser.parse_args()
     print(f"host: {setup()}")
     models = {}
