@@ -1,4 +1,4 @@
-"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image; Wan video) while sampling.
+"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image, HunyuanImage; Wan video) while sampling.
 
 Installed on the sampling clone through three public hooks, each chaining to what is there:
 - an APPLY_MODEL wrapper reads each forward's token layout (text length, image grid), its batch
@@ -151,9 +151,10 @@ class DiTRecorder(AttentionRecorder):
         self._text_calls = family.text_calls(self.diffusion_model, self.blocks)
         self.latent_dims = tuple(int(d) for d in latent_hw)
         self.latent_hw = self.latent_dims[-2:]
+        self.level = family.level  # maps are the latent / 2 ** level (the token grid)
+        self.pixel_scale = family.pixel_scale(self.diffusion_model)
         if family.video:
             self.frames = self.grid[0]
-            self.pixel_scale = family.pixel_scale(self.diffusion_model)
         self.schedule = None if schedule is None else schedule.detach().float().cpu()
         self._tags = tag_blocks(model_clone, self.blocks, self)
         options = model_clone.model_options["transformer_options"]
@@ -184,9 +185,10 @@ class DiTRecorder(AttentionRecorder):
         layout = self._family.layout(x, context[rows], self.diffusion_model, kwargs)
         if layout.n_img != math.prod(self.grid):
             return None  # an area-conditioned chunk (ComfyUI crops x to the area), not the whole image
+        n_prompt = layout.n_txt - layout.prompt_start  # the context's tokens (+ HunyuanImage's byT5 tokens)
         if self.n_tokens is None:
-            self.n_tokens = context.shape[1]
-        if context.shape[1] < self.n_tokens:
+            self.n_tokens = n_prompt
+        if n_prompt < self.n_tokens:
             return None  # another, shorter conditioning (its words are not the recorded prompt's)
         return _Forward(layout, rows, chunks, self._text_calls)
 
@@ -207,8 +209,9 @@ class DiTRecorder(AttentionRecorder):
         # probabilities are computed ("text" rows renormalise over them, "joint" rows keep the
         # model's row through lse); the padding columns are zeros. 20 real tokens of 512: ~25x less work.
         n_keys = layout.n_txt if layout.n_real is None else min(layout.n_real, layout.n_txt)
-        mask_block = None if mask is None else mask[..., rows, :n_keys]
-        probs = text_probabilities(q[:, :, rows], k[:, :, :n_keys], lse, mask_block)
+        keys = slice(layout.text_start, layout.text_start + n_keys)
+        mask_block = None if mask is None else mask[..., rows, keys]
+        probs = text_probabilities(q[:, :, rows], k[:, :, keys], lse, mask_block)
         if n_keys < layout.n_txt:
             probs = torch.nn.functional.pad(probs, (0, layout.n_txt - n_keys))
         probs = probs[..., layout.prompt_start:layout.prompt_start + self.n_tokens]

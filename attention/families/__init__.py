@@ -1,15 +1,16 @@
 """The DiT families the pack reads attention on: one adapter module per family (flux, sd3,
-qwen_image, wan), each listing the diffusion-model classes it handles in CLASSES; this module
+qwen_image, hunyuan_image, wan), each listing the diffusion-model classes it handles in CLASSES; this module
 finds a model's family and refuses the rest with a clear message.
 """
-from . import flux, qwen_image, sd3, wan
+from . import flux, hunyuan_image, qwen_image, sd3, wan
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
 # the diffusion_model's exact class -> family. Exact, not isinstance: subclasses with another
 # token layout exist (Chroma Radiance patchifies pixels 16x16), and AuraFlow's class is also "MMDiT".
-FAMILIES = {**flux.CLASSES, **sd3.CLASSES, **qwen_image.CLASSES, **wan.CLASSES}
-SUPPORTED = "Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit) and Wan 2.1 / 2.2 video"
+FAMILIES = {**flux.CLASSES, **sd3.CLASSES, **qwen_image.CLASSES, **wan.CLASSES, **hunyuan_image.CLASSES}
+SUPPORTED = ("Flux (dev, schnell, Kontext), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit), HunyuanImage 2.1 "
+             "and Wan 2.1 / 2.2 video")
 
 
 def family_of(model_patcher):
@@ -37,10 +38,9 @@ def require_family(model_patcher):
         kind = type(diffusion_model)
         if f"{kind.__module__}.{kind.__qualname__}" in FAMILIES:  # family_of saw another token layout
             raise TypeError(
-                "attention recording, InstDiffEdit and FoI do not support this model yet: this is Flux.2 (or "
-                f"another model in {kind.__name__}'s class with patch size {diffusion_model.patch_size}; the "
-                f"pack reads patch-{PATCH} token grids). They support SD1.x, SD2.x and SDXL UNets and the DiT "
-                f"models {SUPPORTED}.")
+                "attention recording, InstDiffEdit and FoI do not support this model yet: "
+                f"{FAMILIES[f'{kind.__module__}.{kind.__qualname__}'].other_layout(diffusion_model)}. They "
+                f"support SD1.x, SD2.x and SDXL UNets and the DiT models {SUPPORTED}.")
         raise TypeError(
             f"attention recording, InstDiffEdit and FoI do not support this model ({kind.__name__}); they support SD1.x, SD2.x and "
             f"SDXL UNets and the DiT models {SUPPORTED}."

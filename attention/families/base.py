@@ -21,6 +21,7 @@ class Family:
     single: str = None  # attribute holding Flux-style single blocks, if any
     patch = PATCH  # the diffusion model's patch_size for this token layout
     video = False  # maps have a frame axis (WanFamily)
+    level = 1  # the map grid is the latent / 2 ** level (patch 2); HunyuanImage's patch 1: 0
 
     def depth(self, diffusion_model, kind):
         attribute = self.double if kind == "double" else self.single
@@ -40,7 +41,12 @@ class Family:
         return None
 
     def pixel_scale(self, diffusion_model):
-        return 8  # every image family's VAE downscales 8x
+        return 8  # the VAE's downscale: 8x for these families
+
+    def other_layout(self, diffusion_model):
+        """Why a model of this family's class with another patch size is refused (family_of)."""
+        return (f"this is Flux.2 (or another model in {type(diffusion_model).__name__}'s class with patch "
+                f"size {diffusion_model.patch_size}; the pack reads patch-{PATCH} token grids)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Layout:
     n_img: int  # the generated image's tokens; reference-image tokens follow them
     query_start: int = None  # first generated-image query row; None: right after the text (joint)
     n_real: int = None  # Wan: text keys before umT5's zeroed padding; None: every text key counts
+    text_start: int = 0  # first text key of the sequence: 0, or n_img where the image comes first
+    # (HunyuanImage 2.1 on ComfyUI < 0.14)
 
     @property
     def image_rows(self):

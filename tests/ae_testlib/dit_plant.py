@@ -99,9 +99,13 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
     families = pack_module("attention.families")
     columns = list(token_columns)
     diffusion_model = model.model.diffusion_model
+    family = families.family_of(model)
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        layout = families.layout_of(x, c_crossattn, diffusion_model)
+        # the family's layout (HunyuanImage's text keys may follow the image); a refused model: the base one
+        layout = (family.layout(x, c_crossattn, diffusion_model, kw) if family is not None
+                  else families.layout_of(x, c_crossattn, diffusion_model))
+        text = layout.text_start
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
         planted_rows = torch.tensor([kind in branches for kind in chunks for _ in range(per_chunk)])
@@ -115,13 +119,13 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
             bias = torch.zeros(batch, 1, length, key_length, dtype=dtype, device=device)
             values = (grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)).to(device)
             for column in columns:
-                bias[:, 0, layout.image_rows, layout.prompt_start + column] = values
+                bias[:, 0, layout.image_rows, text + layout.prompt_start + column] = values
             if not noise:
                 return bias, None
             pattern = torch.randn(per_chunk, layout.n_img, layout.n_txt,
                                   generator=torch.Generator().manual_seed(noise_seed)) * noise
             noisy = torch.zeros_like(bias)
-            noisy[:, 0, layout.image_rows, :layout.n_txt] = (pattern.repeat(len(chunks), 1, 1).to(dtype) *
+            noisy[:, 0, layout.image_rows, text:text + layout.n_txt] = (pattern.repeat(len(chunks), 1, 1).to(dtype) *
                                                    planted_rows[:, None, None].to(dtype)).to(device)
             return bias, noisy
 

@@ -92,6 +92,8 @@ FEATURES = {
     "stable_audio": ("Stable Audio's T5-base text encoder", ["comfy.text_encoders.sa_t5"]),
     "wan": ("Wan 2.1 / 2.2 video models with the umT5 text encoder",
             ["comfy.ldm.wan.model:VaceWanModel", "comfy.supported_models:WAN22_T2V", "comfy.text_encoders.wan"]),
+    "hunyuan_image": ("HunyuanImage 2.1 (HunyuanVideo's model class with a 2-D patch, byT5 glyph text)",
+                      ["comfy.supported_models:HunyuanImage21", "comfy.text_encoders.hunyuan_image"]),
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),
