@@ -1,16 +1,18 @@
 """Word <-> token positions for every text encoder the pack supports: one reader per encoder
 (clip: SD1.x / SD2.x / SDXL; t5: Flux, Kontext, Chroma, Wan's umT5; sd3; qwen25vl: Qwen-Image
-(-Edit)), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
+(-Edit); hunyuan_image: HunyuanImage 2.1's Qwen2.5-VL + byT5), found by the ComfyUI tokenizer's parts. Positions index the conditioning's token axis,
 which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
 """
 from .clip import CLIP_PARTS, clip_prompt_tokens
+from .hunyuan_image import HUNYUAN_IMAGE
 from .mapping import UnsupportedEncoderError, tokenizer_parts
 from .qwen25vl import QWEN_IMAGE
 from .sd3 import SD3
 from .t5 import CHROMA, FLUX, WAN
 
 # family -> Encoder
-ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN}
+ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN,
+            "hunyuan_image": HUNYUAN_IMAGE}
 
 
 def encoder_family(clip):

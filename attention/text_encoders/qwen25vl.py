@@ -1,6 +1,7 @@
 """Qwen2.5-VL (Qwen-Image, Qwen-Image-Edit 2509 / 2511): the prompt inside ComfyUI's chat
 template, the template prefix cut off the encoded sequence, vision tokens in place of each
 <|image_pad|> for the Edit models."""
+from ..tokens import PromptWordError, short
 from .mapping import (Encoder, EncoderPromptTokens, UnsupportedEncoderError, check_ids, comfy_pieces, map_pieces,
                       plain_id, spots_of, words_of)
 
@@ -20,18 +21,22 @@ def _qwen_template_end(ids):
     return end
 
 
-def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None, preamble=""):
+def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None, preamble="", encoder=None,
+                       template_end=_qwen_template_end):
     """PromptTokens of a Qwen-Image prompt. `images` as given to clip.tokenize (Qwen-Image-Edit:
     the template with <|vision_start|><|image_pad|><|vision_end|>); `vision_tokens`: how many
     embeddings the vision encoder put in place of each <|image_pad|>, one count or one per image
     (the caller measures them; None counts each placeholder as one token). `template` /
     `preamble`: what TextEncodeQwenImageEditPlus passes, its llama_template and the
     "Picture i: <|vision_start|><|image_pad|><|vision_end|>" text before the prompt (template
-    text to us, not the user's words)."""
+    text to us, not the user's words). `encoder` / `template_end`: another model's Qwen2.5-VL part
+    (HunyuanImage 2.1: its Encoder and its cut rule, ids -> first kept token); there a word the
+    cut would hide is an error, not a silent loss."""
     from comfy import sd1_clip
 
-    encoder = QWEN_IMAGE.name
-    if not QWEN_IMAGE.matches(clip.tokenizer):
+    other = encoder is not None
+    encoder = (encoder or QWEN_IMAGE).name
+    if not other and not QWEN_IMAGE.matches(clip.tokenizer):
         raise UnsupportedEncoderError(
             f"this node needs Qwen-Image's text encoder ({encoder}); got {type(clip.tokenizer).__name__}. "
             "Load the Qwen-Image CLIP (qwen_2.5_vl_7b), or use Attention Text Encode for other models.")
@@ -56,7 +61,13 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
     comfy_ids = [IMAGE_PAD if isinstance(t, dict) else t for t in comfy_tokens]
     check_ids(ids, comfy_ids, owners, names, text, encoder)
 
-    cut = _qwen_template_end(comfy_ids)
+    cut = template_end(comfy_ids)
+    hidden = [names[owner][0] for owner in owners[:max(cut, 0)] if owner is not None]
+    if other and hidden:
+        raise PromptWordError(
+            f"{encoder}: ComfyUI cuts the first {cut} tokens of \"{short(text)}\" off as template, and with "
+            f"them the words {', '.join(repr(w) for w in dict.fromkeys(hidden))}: the model never sees "
+            "them. Write the prompt without a template of your own (ComfyUI adds HunyuanImage's).")
     hf = sd_tokenizer.tokenizer
     im_end = hf.convert_tokens_to_ids("<|im_end|>")
     strings, positions, parts, ends = [], [], [], []
