@@ -145,6 +145,11 @@ UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no paddi
 _VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
           "Attention Mask give per-frame word masks on Wan (docs/video.md)")
 UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
+# HunyuanImage 2.1 attends at the latent itself (patch 1), not at latent / 2: DiTCapture's mask
+# reduction and its measured start map / thresholds are for patch-2 grids
+UNSUPPORTED_DITS["HunyuanImage"] = ("its patch-1 token grid (the latent itself) has no measured start map and "
+                                    "mask reading yet; KSampler (Record Attention) and Attention Mask give its "
+                                    "word masks (docs/recording.md)")
 
 
 def _dit_capture(family_name, tokens, input_name):

@@ -222,3 +222,19 @@ def test_planted_glyph_word_found_in_the_byt5_tokens():
     """A word of the quoted glyph text sits in the byT5 tokens, after the Qwen2.5-VL tokens."""
     ious = planted_iou(0, 8.0, word="OPEN", byt5_words=("Text", "OPEN", "."))
     assert min(ious) >= 0.9, ious
+
+
+def test_instdiffedit_and_foi_refuse_hunyuan_image_clearly():
+    """Not built for HunyuanImage yet: a clear refusal, never a mask read on the wrong grid."""
+    capture = pack_module("samplers.instdiffedit_capture")
+    foi = pack_module("samplers.foi_dit")
+    model = dit_host.model(FAMILY)
+    with pytest.raises(TypeError, match="InstDiffEdit does not support HunyuanImage yet.*patch-1"):
+        capture.capture_for(model, plant_tokens())
+    positive, negative = conds()
+    _, maps = recording(model, dit_host.conditioning(N_CTX, 1, tokens=plant_tokens()), negative,
+                        dit_host.latent(FAMILY, 1, 4, 6))
+    with pytest.raises(TypeError, match="InstDiffEdit does not support HunyuanImage yet"):
+        capture.capture_for_maps(maps)
+    with pytest.raises(TypeError, match="FoI for DiT models supports Flux Kontext and Qwen-Image-Edit.*HunyuanImage"):
+        foi.edit_model(model)
