@@ -1,7 +1,7 @@
 """Recording on HunyuanImage 2.1 on the real ComfyUI host: tiny random-weight models from ComfyUI's
 own HunyuanVideo class (patch [1, 1], 64-channel latent, byT5 glyph mapper), sampled with
 comfy.sample. Maps equal a float64 brute force of the joint attention in the host's own token
-order ([image | text] before ComfyUI 0.14, [text | image] since), the byT5 glyph tokens are text keys
+order ([image | text] on ComfyUI 0.3.64, [text | image] on 0.19.3), the byT5 glyph tokens are text keys
 after the Qwen2.5-VL ones, the token refiner is never recorded, the sampled latent is bit-identical
 with and without recording, planted word regions are found, and the refiner / HunyuanVideo (same
 class, 3-D patch) are refused clearly."""
@@ -32,7 +32,7 @@ def _dit_host(comfy_host):
 
 def image_first_in_host_code():
     """The host's token order read from its model code (not from the adapter): single blocks run
-    on cat((img, txt)) before ComfyUI 0.14, on cat((txt, img)) since."""
+    on cat((img, txt)) on ComfyUI 0.3.64, on cat((txt, img)) on 0.19.3."""
     from comfy.ldm.hunyuan_video import model
 
     source = inspect.getsource(model.HunyuanVideo.forward_orig)
@@ -224,17 +224,8 @@ def test_planted_glyph_word_found_in_the_byt5_tokens():
     assert min(ious) >= 0.9, ious
 
 
-def test_instdiffedit_and_foi_refuse_hunyuan_image_clearly():
-    """Not built for HunyuanImage yet: a clear refusal, never a mask read on the wrong grid."""
-    capture = pack_module("samplers.instdiffedit_capture")
+def test_foi_refuses_hunyuan_image_clearly():
+    """FoI edits with Flux Kontext / Qwen-Image-Edit: HunyuanImage 2.1 is no editing model."""
     foi = pack_module("samplers.foi_dit")
-    model = dit_host.model(FAMILY)
-    with pytest.raises(TypeError, match="InstDiffEdit does not support HunyuanImage yet.*patch-1"):
-        capture.capture_for(model, plant_tokens())
-    positive, negative = conds()
-    _, maps = recording(model, dit_host.conditioning(N_CTX, 1, tokens=plant_tokens()), negative,
-                        dit_host.latent(FAMILY, 1, 4, 6))
-    with pytest.raises(TypeError, match="InstDiffEdit does not support HunyuanImage yet"):
-        capture.capture_for_maps(maps)
     with pytest.raises(TypeError, match="FoI for DiT models supports Flux Kontext and Qwen-Image-Edit.*HunyuanImage"):
-        foi.edit_model(model)
+        foi.edit_model(dit_host.model(FAMILY))

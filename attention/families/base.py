@@ -59,7 +59,7 @@ class Layout:
     query_start: int = None  # first generated-image query row; None: right after the text (joint)
     n_real: int = None  # Wan: text keys before umT5's zeroed padding; None: every text key counts
     text_start: int = 0  # first text key of the sequence: 0, or n_img where the image comes first
-    # (HunyuanImage 2.1 on ComfyUI < 0.14)
+    # (HunyuanImage 2.1 on ComfyUI 0.3.64)
 
     @property
     def image_rows(self):

@@ -5,8 +5,8 @@ The text keys are the Qwen2.5-VL tokens (after the token refiner, `txt_in`: two 
 blocks over the text alone, run before any block, so never inside a tagged block and never as long
 as text + image: not recorded), then, when the prompt quotes glyph text and the checkpoint has
 `byt5_in`, the byT5 tokens (`txt_byt5`, the cond ComfyUI passes beside the context). Their order
-with the image changed in ComfyUI 0.14: before it every block ran [image | text] (DoubleStreamBlock's
-`flipped_img_txt`, single blocks on cat(img, txt)), since then [text | image]. The layout is read
+with the image changed between ComfyUI 0.3.64 and 0.19.3: 0.3.64's blocks run [image | text]
+(DoubleStreamBlock's `flipped_img_txt`, single blocks on cat(img, txt)), 0.19.3's [text | image]. The layout is read
 from the block the host built (its `flipped_img_txt`), not from the version.
 
 HunyuanVideo, HunyuanVideo 1.5 and the HunyuanImage 2.1 refiner run in the same class with a 3-D
@@ -47,7 +47,7 @@ class HunyuanImageFamily(Family):
 
 
 def image_first(diffusion_model):
-    """True where the host's blocks run [image | text] (ComfyUI < 0.14)."""
+    """True where the host's blocks run [image | text] (ComfyUI 0.3.64; 0.19.3 runs [text | image])."""
     blocks = diffusion_model.double_blocks
     return bool(len(blocks) and getattr(blocks[0], "flipped_img_txt", False))
 
