@@ -17,6 +17,9 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
   single start-token column did: docs/instdiffedit.md measures both). The maps are enlarged 4x as the official code
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
   edited when at least half of its 2 x 2 mask pixels are.
+- HunyuanImage 2.1 (TEXT_MASS_START): its prompt keeps a single token of no word, so the start map
+  is 1 - the text's share of the joint row; its token grid is the latent (patch 1), so the 4x mask
+  is 4x the latent, reduced by area the same way.
 """
 import logging
 
