@@ -1,4 +1,4 @@
-"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image, Z-Image; Wan video) while sampling.
+"""Record text-token attention of DiT models (Flux, Chroma, SD3, Qwen-Image, Z-Image, HunyuanImage; Wan video) while sampling.
 
 Installed on the sampling clone through three public hooks, each chaining to what is there:
 - an APPLY_MODEL wrapper reads each forward's token layout (text length, image grid), its batch
@@ -192,9 +192,10 @@ class DiTRecorder(AttentionRecorder):
         layout = self._family.layout(x, context[rows], self.diffusion_model, kwargs)
         if layout.n_img != math.prod(self.grid):
             return None  # an area-conditioned chunk (ComfyUI crops x to the area), not the whole image
+        n_prompt = layout.n_txt - layout.prompt_start  # the context's tokens (+ HunyuanImage's byT5 tokens)
         if self.n_tokens is None:
-            self.n_tokens = context.shape[1]
-        if context.shape[1] < self.n_tokens:
+            self.n_tokens = n_prompt
+        if n_prompt < self.n_tokens:
             return None  # another, shorter conditioning (its words are not the recorded prompt's)
         block_of = None if self._family.blocks_by_patch else self._chosen_block
         return _Forward(layout, rows, chunks, self._text_calls, block_of)
@@ -222,12 +223,13 @@ class DiTRecorder(AttentionRecorder):
         # Flux.2: the zero rows model_base puts in front of a short prompt are keys too, but not the
         # prompt: its keys start at key_start (0 elsewhere; SD3's registers count as they always did)
         n_keys = layout.n_txt if layout.n_real is None else min(layout.n_real, layout.n_txt)
-        first = layout.key_start
-        mask_block = None if mask is None else mask[..., rows, first:n_keys]
-        probs = text_probabilities(q[:, :, rows], k[:, :, first:n_keys], lse, mask_block)
+        first = layout.text_start + layout.key_start  # HunyuanImage on 0.3.64: the text keys follow the image
+        keys = slice(first, layout.text_start + n_keys)
+        mask_block = None if mask is None else mask[..., rows, keys]
+        probs = text_probabilities(q[:, :, rows], k[:, :, keys], lse, mask_block)
         if n_keys < layout.n_txt:
             probs = torch.nn.functional.pad(probs, (0, layout.n_txt - n_keys))
-        start = layout.prompt_start - first
+        start = layout.prompt_start - layout.key_start
         probs = probs[..., start:start + self.n_tokens]
         probs = probs.reshape(forward.chunks, -1, *probs.shape[1:]).sum(0)
         if self.total is None:

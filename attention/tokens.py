@@ -125,13 +125,23 @@ def annotation_of(conditioning):
     return found[0]
 
 
+# conds whose tokens the model appends to the context's as text keys: HunyuanImage 2.1's byT5
+# glyph tokens (the quoted text of the prompt), after the Qwen2.5-VL tokens
+APPENDED_TEXT = ("conditioning_byt5small",)
+
+
+def text_length(cond, options):
+    """The text keys one cond gives the model: its context's tokens and any APPENDED_TEXT tokens."""
+    return cond.shape[1] + sum(options[key].shape[1] for key in APPENDED_TEXT if options.get(key) is not None)
+
+
 def recorded_length(conditioning):
     """The token count of the prompt a recorder records from a CONDITIONING: the annotated cond's
     (Conditioning Combine may put a plain, longer prompt first), else the first cond's."""
     for cond, options in conditioning:
         if ANNOTATION_KEY in options:
-            return cond.shape[1]
-    return conditioning[0][0].shape[1]
+            return text_length(cond, options)
+    return text_length(*conditioning[0])
 
 
 def no_words_reason(conditioning, input_name="positive"):

@@ -6,7 +6,7 @@ import torch
 
 from ..attention.text_encoders import prompt_tokens
 from ..attention.text_encoders.qwen25vl import qwen_prompt_tokens
-from ..attention.tokens import annotate
+from ..attention.tokens import annotate, text_length
 from .common import CATEGORY
 
 
@@ -22,10 +22,10 @@ def encode(clip, text):
 
 def check_layout(conditioning, tokens, node):
     """The word layout must cover the conditioning's token axis exactly, or positions are wrong."""
-    for cond, _ in conditioning:
-        if cond.shape[1] != tokens.n_tokens:
+    for cond, options in conditioning:
+        if text_length(cond, options) != tokens.n_tokens:
             raise RuntimeError(
-                f"{node}: the text encoder produced {cond.shape[1]} tokens but the word layout of "
+                f"{node}: the text encoder produced {text_length(cond, options)} tokens but the word layout of "
                 f"\"{tokens.text[:60]}\" has {tokens.n_tokens}; this text encoder's layout is not the one "
                 "attention-edit knows (docs/text_encoders.md). Please report it with the model's name.")
     return conditioning
@@ -46,7 +46,7 @@ class AttentionTextEncode:
     DESCRIPTION = ("Encodes a prompt like CLIP Text Encode and records which token positions each "
                    "word occupies, so attention_edit nodes can find words in the attention maps. "
                    "Works with the CLIP encoders of SD1.x/SD2.x/SDXL and the text encoders of Flux, "
-                   "Flux Kontext, Chroma, SD3/SD3.5 and Qwen-Image.")
+                   "Flux Kontext, Chroma, SD3/SD3.5, Qwen-Image, HunyuanImage 2.1 and Wan.")
 
     def run(self, clip, text):
         tokens = prompt_tokens(clip, text)  # first: an unsupported encoder fails before encoding

@@ -168,7 +168,7 @@ class AttentionMask:
     RETURN_TYPES = ("MASK",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("A MASK at image size (8x the latent; 16x on Flux.2) from the attention of one or more words. Video maps "
+    DESCRIPTION = ("A MASK at image size (8x the latent; 16x on Flux.2, 32x on HunyuanImage 2.1) from the attention of one or more words. Video maps "
                    "(Wan): one MASK per decoded frame (1 + 4 x (latent frames - 1)), 8x (2.1) / 16x (2.2 5B) "
                    "the latent, for SetLatentNoiseMask or WanVaceToVideo's control_masks.")
 
@@ -176,7 +176,7 @@ class AttentionMask:
         chosen = split_words(words)
         if not chosen:
             raise ValueError("type at least one word of the prompt in 'words'")
-        scale = attention_maps.pixel_scale  # 8 (UNets, most DiTs), 16 (Flux.2, Wan 2.2 5B)
+        scale = attention_maps.pixel_scale  # the VAE's: 8 (UNets, most DiTs), 16 (Flux.2, Wan 2.2 5B), 32 (HunyuanImage)
         height, width = (scale * s for s in attention_maps.latent_hw)
         if attention_maps.frames is not None:  # [batch, pixel frames, H, W] -> MASK [batch * frames, H, W]
             masks = torch.stack([video_word_mask(attention_maps.word_map(word), (height, width), blur, threshold,

@@ -17,6 +17,9 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
   single start-token column did: docs/instdiffedit.md measures both). The maps are enlarged 4x as the official code
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
   edited when at least half of its 2 x 2 mask pixels are.
+- HunyuanImage 2.1 (TEXT_MASS_START): its prompt keeps a single token of no word, so the start map
+  is 1 - the text's share of the joint row; its token grid is the latent (patch 1), so the 4x mask
+  is 4x the latent, reduced by area the same way.
 """
 import logging
 
@@ -83,27 +86,34 @@ class DiTCapture(UNetCapture):
 
     level = DIT_LEVEL
 
-    def __init__(self, tokens, input_name="positive", family_name=None):
+    def __init__(self, tokens, input_name="positive", family_name=None, level=DIT_LEVEL):
         super().__init__(tokens, input_name)
-        self.start_columns = start_columns(tokens)
+        self.level = level  # the family's token grid: latent / 2 (patch 2), the latent (HunyuanImage)
+        self.text_mass = family_name in TEXT_MASS_START
+        self.normalise = "joint" if self.text_mass else "text"  # the rows the recorder keeps
+        self.start_columns = None if self.text_mass else start_columns(tokens)
         if family_name in PADDED_DITS:
             warn_if_padding_runs_short(tokens, self.start_columns)
 
-    @staticmethod
-    def recorder(n_tokens):
-        return DiTRecorder(branch="cond", n_tokens=n_tokens)
+    def recorder(self, n_tokens):
+        return DiTRecorder(branch="cond", n_tokens=n_tokens, normalise=self.normalise)
 
     def maps_and_columns(self, attn):
         """[B, h, w, T] -> [B, h, w, 1 + T]: the start map in front of the prompt's columns."""
-        start = attn[..., self.start_columns].mean(-1, keepdim=True)
+        if self.text_mass:  # joint rows: 1 - the text's share is the start map, the words renormalised
+            mass = attn.sum(-1, keepdim=True)
+            start, attn = 1 - mass, attn / mass.clamp_min(torch.finfo(attn.dtype).tiny)
+        else:
+            start = attn[..., self.start_columns].mean(-1, keepdim=True)
         shifted = [[c + 1 for c in columns] for columns in self.groups]
         return torch.cat([start, attn], dim=-1), shifted, self.eos + 1
 
     def to_latent(self, mask, latent_hw):
-        """[B, 4h, 4w] (2x the latent, padded grid) -> [B, H, W]: a latent pixel is edited when at
-        least half of its 2 x 2 mask pixels are."""
+        """[B, 4h, 4w] (2x the latent, padded grid; HunyuanImage's patch-1 grid: 4x) -> [B, H, W]:
+        a latent pixel is edited when at least half of its 2 x 2 (4 x 4) mask pixels are."""
         height, width = latent_hw
-        return resize_mask(_crop(mask, (2 * height, 2 * width)), latent_hw)  # area mean >= 0.5
+        scale = 4 // 2 ** self.level
+        return resize_mask(_crop(mask, (scale * height, scale * width)), latent_hw)  # area mean >= 0.5
 
 
 def start_columns(tokens):
@@ -148,19 +158,27 @@ UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
 UNSUPPORTED_DITS["Flux.2"] = ("its start map (a patch-1 token grid, a Mistral / Qwen3 prompt without T5's padding "
                               "tokens) is not measured yet; KSampler (Record Attention) and Attention Mask give "
                               "word masks on Flux.2 (docs/recording.md)")
+# Families whose prompt keeps too few tokens of no word for their mean to be a start map:
+# HunyuanImage 2.1 keeps one (<|im_end|>; ComfyUI cuts its template's prefix and it has no closing
+# turn), and one token's map fails under per-token noise (docs/instdiffedit.md, "HunyuanImage
+# 2.1"). Their start map is 1 - the text's share of each pixel's joint attention (recorded as joint
+# rows; the word maps are those rows renormalised over the text keys): where a word takes
+# attention, the text as a whole takes more. Measured on planted regions in the same doc section.
+TEXT_MASS_START = ("HunyuanImage",)
 
 
-def _dit_capture(family_name, tokens, input_name):
+def _dit_capture(family_name, tokens, input_name, level=DIT_LEVEL):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name, family_name)
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, HunyuanImage 2.1 or an SD1.x / "
+                        "SD2.x / SDXL UNet.")
+    return DiTCapture(tokens, input_name, family_name, level)
 
 
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
     family = dit_family(model)
-    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive", family.level)
 
 
 def capture_for_maps(maps):
@@ -168,9 +186,15 @@ def capture_for_maps(maps):
     tokens = maps.require_tokens()
     if maps.family is None:
         return UNetCapture(tokens, "attention_maps")
-    if maps.normalise != "text":  # the start map and thresholds were measured on text-key rows
+    capture = _dit_capture(maps.family, tokens, "attention_maps", maps.level)
+    if maps.normalise != capture.normalise:  # the start map and thresholds were measured on these rows
+        if capture.normalise == "text":
+            raise ValueError(
+                f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
+                "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
+                "'text keys only' (the default) in KSampler (Record Attention).")
         raise ValueError(
             f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
-            "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
-            "'text keys only' (the default) in KSampler (Record Attention).")
-    return _dit_capture(maps.family, tokens, "attention_maps")
+            f"InstDiffEdit on {maps.family} reads the joint rows (its start map is 1 - the text's share). "
+            "Set 'normalisation' to 'joint (all keys)' in KSampler (Record Attention).")
+    return capture

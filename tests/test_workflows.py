@@ -15,6 +15,7 @@ DIT_WORKFLOWS = {"flux_record_attention.json", "qwen_image_record_attention.json
                  "foi_flux_kontext.json", "foi_qwen_image_edit.json"}
 # workflows for models only newer hosts run: the host feature they need (ae_testlib.host.FEATURES)
 HOST_FEATURES = {"z_image_record_attention.json": "z_image"}
+DIT_WORKFLOWS |= {"hunyuan_image_record_attention.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 # model / image file names: the test host has no model files, so a workflow's placeholder file

@@ -1,12 +1,12 @@
 """The DiT families the pack reads attention on: one adapter module per family (flux, flux2,
-sd3, qwen_image, wan, z_image), each listing the diffusion-model classes it handles in CLASSES; this
+sd3, qwen_image, hunyuan_image, wan, z_image), each listing the diffusion-model classes it handles in CLASSES; this
 module finds a model's family and refuses the rest with a clear message.
 """
-from . import flux, flux2, qwen_image, sd3, wan, z_image
+from . import flux, flux2, hunyuan_image, qwen_image, sd3, wan, z_image
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
-MODULES = (flux, sd3, qwen_image, wan, flux2, z_image)  # a new family: its module here
+MODULES = (flux, sd3, qwen_image, wan, flux2, z_image, hunyuan_image)  # a new family: its module here
 
 # the diffusion_model's exact class -> the families that run in it, tried in order (Family.accepts
 # tells them apart by structure: Flux.1 and Flux.2 share Flux's class). Exact, not isinstance:
@@ -18,7 +18,7 @@ for _module in MODULES:
         CANDIDATES.setdefault(_name, []).append(_family)
 FAMILIES = {name: found[0] for name, found in CANDIDATES.items()}  # each class's first family
 SUPPORTED = ("Flux (dev, schnell, Kontext), Flux.2 (dev, Klein), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit), "
-             "Z-Image (Turbo) and Wan 2.1 / 2.2 video")
+             "Z-Image (Turbo), HunyuanImage 2.1 and Wan 2.1 / 2.2 video")
 
 
 def family_of(model_patcher):
@@ -42,7 +42,7 @@ def require_family(model_patcher):
         kind = type(diffusion_model)
         candidates = CANDIDATES.get(f"{kind.__module__}.{kind.__qualname__}", ())
         refusals = [c.refusal(diffusion_model) for c in candidates if c.refusal(diffusion_model)]
-        if refusals:  # family_of saw another model in a family's class (Lumina 2.0 in Z-Image's)
+        if refusals:  # family_of saw another model in a family's class (Lumina 2.0 in Z-Image's, HunyuanVideo)
             raise TypeError(f"attention recording, InstDiffEdit and FoI do not support this model: {refusals[0]}. "
                             f"They support SD1.x, SD2.x and SDXL UNets and the DiT models {SUPPORTED}.")
         if candidates:  # family_of saw another token layout

@@ -73,7 +73,7 @@ class Family:
         return None
 
     def pixel_scale(self, diffusion_model):
-        return 8  # every image family's VAE downscales 8x
+        return 8  # the VAE's downscale: 8x for these families
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class Layout:
     query_start: int = None  # first generated-image query row; None: right after the text (joint)
     n_real: int = None  # Wan: text keys before umT5's zeroed padding; None: every text key counts
     key_start: int = 0  # Flux.2: first text key that counts (its zero left-padding precedes it)
+    # first text key of the sequence: 0, or n_img where the image comes first (HunyuanImage 2.1 on 0.3.64)
+    text_start: int = 0
 
     @property
     def image_rows(self):

@@ -1,10 +1,12 @@
 """Word <-> token positions for every text encoder the pack supports: one reader per encoder
 (clip: SD1.x / SD2.x / SDXL; t5: Flux, Kontext, Chroma, Wan's umT5; sd3; qwen25vl: Qwen-Image
-(-Edit); tekken: Flux.2 [dev]'s Mistral; qwen3: Z-Image, Flux.2 [klein]), found by the ComfyUI
+(-Edit); tekken: Flux.2 [dev]'s Mistral; qwen3: Z-Image, Flux.2 [klein];
+hunyuan_image: HunyuanImage 2.1's Qwen2.5-VL + byT5), found by the ComfyUI
 tokenizer's parts (and, where encoders share a part name, its class). Positions index the
 conditioning's token axis, which is the text keys of the model's attention in order. docs/text_encoders.md describes each.
 """
 from .clip import CLIP_PARTS, clip_prompt_tokens
+from .hunyuan_image import HUNYUAN_IMAGE
 from .mapping import UnsupportedEncoderError, tokenizer_parts
 from .qwen25vl import QWEN_IMAGE
 from .qwen3 import KLEIN, KLEIN_8B, Z_IMAGE
@@ -14,7 +16,7 @@ from .tekken import TEKKEN
 
 # family -> Encoder
 ENCODERS = {"flux": FLUX, "sd3": SD3, "chroma": CHROMA, "qwen_image": QWEN_IMAGE, "wan": WAN, "flux2": TEKKEN,
-            "z_image": Z_IMAGE, "flux2_klein": KLEIN, "flux2_klein_8b": KLEIN_8B}
+            "z_image": Z_IMAGE, "flux2_klein": KLEIN, "flux2_klein_8b": KLEIN_8B, "hunyuan_image": HUNYUAN_IMAGE}
 
 
 def encoder_family(clip):

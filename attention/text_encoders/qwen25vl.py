@@ -20,16 +20,19 @@ def _qwen_template_end(ids):
     return end
 
 
-def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None, preamble=""):
+def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None, preamble="", encoder=None,
+                       template_end=_qwen_template_end):
     """PromptTokens of a Qwen-Image prompt. `images` as given to clip.tokenize (Qwen-Image-Edit:
     the template with <|vision_start|><|image_pad|><|vision_end|>); `vision_tokens`: how many
     embeddings the vision encoder put in place of each <|image_pad|>, one count or one per image
     (the caller measures them; None counts each placeholder as one token). `template` /
     `preamble`: what TextEncodeQwenImageEditPlus passes, its llama_template and the
     "Picture i: <|vision_start|><|image_pad|><|vision_end|>" text before the prompt (template
-    text to us, not the user's words)."""
-    encoder = QWEN_IMAGE.name
-    if not QWEN_IMAGE.matches(clip.tokenizer):
+    text to us, not the user's words). `encoder` / `template_end`: another model's Qwen2.5-VL part
+    (HunyuanImage 2.1: its Encoder and its cut rule, ids -> first kept token)."""
+    other = encoder is not None
+    encoder = (encoder or QWEN_IMAGE).name
+    if not other and not QWEN_IMAGE.matches(clip.tokenizer):
         raise UnsupportedEncoderError(
             f"this node needs Qwen-Image's text encoder ({encoder}); got {type(clip.tokenizer).__name__}. "
             "Load the Qwen-Image CLIP (qwen_2.5_vl_7b), or use Attention Text Encode for other models.")
@@ -44,7 +47,7 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
     comfy_tokens, owners, names = map_chat(clip, "qwen25_7b", text, template, encoder, preamble, images, given,
                                            image_pad=IMAGE_PAD)
     comfy_ids = [IMAGE_PAD if isinstance(t, dict) else t for t in comfy_tokens]
-    cut = _qwen_template_end(comfy_ids)
+    cut = template_end(comfy_ids)
     hf = tokenizer.qwen25_7b.tokenizer
     im_end = hf.convert_tokens_to_ids("<|im_end|>")
     strings, positions, parts, ends = [], [], [], []
@@ -59,9 +62,10 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
             if token == im_end and not ends:
                 ends.append(len(strings))
             strings.append(hf.convert_ids_to_tokens(token))
-    # a prompt that writes its own template keeps its last user turn (ComfyUI cuts the rest, as the
-    # user chose); with ComfyUI's or a node's template, a word the cut drops is an error
-    words = words_after_cut(names, owners, positions, cut, text, encoder, strict=not own)
+    # a Qwen-Image prompt that writes its own template keeps its last user turn (ComfyUI cuts the
+    # rest, as the user chose); with ComfyUI's or a node's template, or another model's cut rule
+    # (HunyuanImage), a word the cut drops is an error
+    words = words_after_cut(names, owners, positions, cut, text, encoder, strict=other or not own)
     return EncoderPromptTokens(text=text, token_strings=strings, words=words, end_positions=tuple(ends),
                                encoder=encoder, parts=tuple(parts) + (("Qwen2.5-VL", 0, len(strings)),))
 

@@ -63,7 +63,19 @@ def _skeleton(family, size):
         hidden, context = (3072, 3584) if full else (64, CONTEXT_DIM)
         return {"txt_norm.weight": (context,), "img_in.weight": (hidden, 64),
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 2, (6 * hidden, hidden))}
+    if family == "hunyuan_image":
+        return _hunyuan_image_skeleton(*((3584, 3584, 20, 40) if full else (64, CONTEXT_DIM, 2, 2)))
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def _hunyuan_image_skeleton(hidden, context, double, single):
+    """HunyuanImage 2.1: HunyuanVideo's checkpoint format (the token refiner's keys) with a 2-D
+    patch of 1 on the 64-channel latent, no vector_in, and the byT5 glyph mapper."""
+    return {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (hidden,),
+            "txt_in.input_embedder.weight": (hidden, context), "img_in.proj.weight": (hidden, 64, 1, 1),
+            "final_layer.linear.weight": (64, hidden), "byt5_in.fc1.weight": (2048, 1472),
+            **_blocks("double_blocks.{}.img_attn.norm.key_norm.weight", double, (hidden // 28,)),
+            **_blocks("single_blocks.{}.norm.key_norm.weight", single, (hidden // 28,))}
 
 
 def _real_skeleton(family):
@@ -90,6 +102,8 @@ def _real_skeleton(family):
                 **_blocks("transformer_blocks.{}.img_mod.1.weight", 60, (6 * 3072, 3072))}
     if family == "zimage":
         return _zimage_skeleton(30, 2560)
+    if family == "hunyuan_image":  # HunyuanImage 2.1: 20 double + 40 single blocks, 28 heads
+        return _hunyuan_image_skeleton(3584, 3584, 20, 40)
     raise ValueError(f"no real {family!r} model here; one of {FAMILIES}")
 
 
@@ -112,6 +126,7 @@ _TINY = {
     "qwen": dict(attention_head_dim=32, num_attention_heads=2, joint_attention_dim=CONTEXT_DIM,
                  axes_dims_rope=(8, 12, 12)),
     "zimage": {},  # _TINY_AFTER_MATCH: ComfyUI picks supported_models.ZImage by its 3840 width
+    "hunyuan_image": dict(hidden_size=64, num_heads=2, axes_dim=[16, 16], mlp_ratio=2.0, context_in_dim=CONTEXT_DIM),
 }
 # Widths set once the supported_models class is picked (its unet_config matches on them). Z-Image's
 # timestep embedding is 256 wide whatever the model's width, and its blocks read min(dim, 256) of it:
@@ -133,6 +148,9 @@ VARIANTS = {
     # Qwen-Image-Edit-2511: the marker key by which ComfyUI (>= 0.5) sets
     # default_ref_method="index_timestep_zero" (reference tokens at timestep 0, a 2B-batch temb)
     ("qwen", "edit_2511"): ({"__index_timestep_zero__": (0,)}, {}),
+    # HunyuanImage 2.1's refiner: the same class with a 3-D patch [1, 1, 1] on a frame axis
+    ("hunyuan_image", "refiner"): ({"img_in.proj.weight": (64, 64, 1, 1, 1), "byt5_in.fc1.weight": None},
+                                   {"axes_dim": [8, 12, 12]}),
 }
 
 
@@ -181,6 +199,7 @@ def _init(model, seed):
 # the released models' block counts (Flux dev 19 + 38, SD3 medium 24, Qwen-Image 60) at tiny width
 REAL_DEPTH = {"flux": {"depth": 19, "depth_single_blocks": 38}, "sd3": {"num_blocks": 24},
               "qwen": {"num_layers": 60}, "zimage": {"n_layers": 30},
+              "hunyuan_image": {"depth": 20, "depth_single_blocks": 40},
               # Flux.2 [dev] 8 + 48 blocks; [klein] 4B 5 + 20 (9B: 8 + 24)
               ("flux", "flux2"): {"depth": 8, "depth_single_blocks": 48},
               ("flux", "klein"): {"depth": 5, "depth_single_blocks": 20}}
@@ -249,8 +268,11 @@ def model(family, variant=None):
     return build(family, variant=variant)
 
 
+LATENT_CHANNELS = {"hunyuan_image": 64}  # the others' VAEs: 16
+
+
 def latent(family, batch=1, height=6, width=10):
-    return {"samples": torch.zeros(batch, 16, height, width)}
+    return {"samples": torch.zeros(batch, LATENT_CHANNELS.get(family, 16), height, width)}
 
 
 def conditioning(n_tokens=7, seed=0, batch=1, tokens=None, **options):

@@ -99,12 +99,16 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
     families = pack_module("attention.families")
     columns = list(token_columns)
     diffusion_model = model.model.diffusion_model
-    family = families.require_family(model)  # its token layout (Flux.2: patch 1, left-padded text)
+    family = families.family_of(model)
+
+    def layout(x, context, kw):  # the family's (Flux.2: left-padded text; HunyuanImage: text may follow the image)
+        return (family.layout(x, context, diffusion_model, kw) if family is not None
+                else families.layout_of(x, context, diffusion_model))  # a refused model: the base layout
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        layout = family.layout(x, c_crossattn, diffusion_model, kw)
+        whole = layout(x, c_crossattn, kw)
         # each batch row's first prompt token (Flux.2 left-pads each prompt to 512 by its own length)
-        starts = [family.layout(x[r:r + 1], c_crossattn[r:r + 1], diffusion_model, kw).prompt_start
+        starts = [whole.text_start + layout(x[r:r + 1], c_crossattn[r:r + 1], kw).prompt_start
                   for r in range(x.shape[0])]
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
@@ -113,20 +117,21 @@ def plant(model, region, token_columns, beta=8.0, branches=(0,), mode="bias", no
         grid = grid.repeat(len(chunks), 1, 1)  # batch row b of each chunk gets region[b]
 
         def bias_of(length, key_length, batch, dtype, device):
-            if length < layout.n_txt + layout.n_img or batch != x.shape[0]:
+            if length < whole.n_txt + whole.n_img or batch != x.shape[0]:
                 return None  # image-only attention (SD3.5's extra self-attention)
             # keys may outnumber queries (the core FluxKVCache node appends cached reference keys)
             bias = torch.zeros(batch, 1, length, key_length, dtype=dtype, device=device)
             values = (grid.reshape(batch, -1).to(dtype) * beta * planted_rows[:, None].to(dtype)).to(device)
             for column in columns:
                 for row, start in enumerate(starts):
-                    bias[row, 0, layout.image_rows, start + column] = values[row]
+                    bias[row, 0, whole.image_rows, start + column] = values[row]
             if not noise:
                 return bias, None
-            pattern = torch.randn(per_chunk, layout.n_img, layout.n_txt,
+            pattern = torch.randn(per_chunk, whole.n_img, whole.n_txt,
                                   generator=torch.Generator().manual_seed(noise_seed)) * noise
             noisy = torch.zeros_like(bias)
-            noisy[:, 0, layout.image_rows, :layout.n_txt] = (pattern.repeat(len(chunks), 1, 1).to(dtype) *
+            text = whole.text_start
+            noisy[:, 0, whole.image_rows, text:text + whole.n_txt] = (pattern.repeat(len(chunks), 1, 1).to(dtype) *
                                                    planted_rows[:, None, None].to(dtype)).to(device)
             return bias, noisy
 

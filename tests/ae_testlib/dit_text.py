@@ -14,6 +14,8 @@ real one; channels tiny):
               T5's 4096, then T5 along the sequence), pooled [1, 80]
   qwen_image  Qwen2.5-VL [1, n, 32] (template prefix stripped by ComfyUI); a tiny vision tower
               (2 blocks, width 32) so Qwen-Image-Edit's reference image encodes on CPU
+  hunyuan_image  Qwen2.5-VL [1, n, 32] (HunyuanImage's template cut), byT5 glyph tokens of the quoted
+              text in conditioning_byt5small [1, m, 32] (byT5 tiny too)
   wan         umT5 [1, max(512, n), 32], padding rows zeroed; its SentencePiece model comes from the
               checkpoint (`spiece_model`): here the one ComfyUI ships for its Pile T5
               (comfy/text_encoders/t5_pile_tokenizer/tokenizer.model), which runs the same code
@@ -35,7 +37,7 @@ TINY_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_key_value_heads": 1}
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
 
-FAMILIES = ("flux", "sd3", "chroma", "qwen_image", "wan")
+FAMILIES = ("flux", "sd3", "chroma", "qwen_image", "wan", "hunyuan_image")
 TINY_MISTRAL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 31, "num_attention_heads": 2,
                 "num_key_value_heads": 1}
 # Qwen3 encoders (build_dit_clip takes them too): Z-Image's, Flux.2 [klein] 4B's and 9B's (Qwen3-8B)
@@ -48,7 +50,8 @@ BUILDABLE = FAMILIES + ("flux2",) + QWEN3_FAMILIES  # flux2: Flux.2 [dev]'s Mist
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
              "stable_audio": "stable_audio", "wan": "wan", "flux2": "flux2", "z_image": "z_image",
-             "klein": "flux2_klein", "klein_8b": "flux2_klein"}
+             "klein": "flux2_klein", "klein_8b": "flux2_klein",
+             "hunyuan_image": "hunyuan_image"}
 
 
 def skip_reason(family):
@@ -84,6 +87,12 @@ def _clip_target(family):
         tokenizer = flux.KleinTokenizer if family == "klein" else flux.KleinTokenizer8B
         model_type = "qwen3_4b" if family == "klein" else "qwen3_8b"
         return comfy.supported_models_base.ClipTarget(tokenizer, flux.klein_te(model_type=model_type))
+    if family == "hunyuan_image":  # Qwen2.5-VL (hidden layer -3) with a tiny vision tower, and byT5
+        from comfy.text_encoders import hunyuan_image
+
+        return comfy.supported_models_base.ClipTarget(
+            hunyuan_image.HunyuanImageTokenizer,
+            _tiny_vision_qwen_te(hunyuan_image.te(), hunyuan_image.Qwen25_7BVLIModel, "hidden", -3))
     if family == "wan":
         return sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v"}).clip_target({})
     if family == "flux2":  # [dev]: the checkpoint's Mistral-Small-3.1 keys (all 40 layers: not pruned)
@@ -102,10 +111,14 @@ def _clip_target(family):
     return model_config.clip_target(present)
 
 
-def _tiny_vision_qwen_te(te_class):
-    """Qwen-Image's text encoder with a tiny vision tower (ComfyUI builds the full 32-block one)."""
+def _tiny_vision_qwen_te(te_class, model_class=None, layer="last", layer_idx=None):
+    """Qwen-Image's text encoder with a tiny vision tower (ComfyUI builds the full 32-block one);
+    model_class / layer / layer_idx: another model's Qwen2.5-VL wrapper (HunyuanImage: hidden -3)."""
     from comfy import sd1_clip
     from comfy.text_encoders import llama, qwen_image, qwen_vl
+
+    model_class = model_class or qwen_image.Qwen25_7BVLIModel
+    default_layer, default_layer_idx = layer, layer_idx
 
     class TinyVisionQwen25VLI(llama.Qwen25_7BVLI):
         def __init__(self, config_dict, dtype, device, operations):
@@ -117,9 +130,9 @@ def _tiny_vision_qwen_te(te_class):
                                                            dtype=dtype, ops=operations, **TINY_QWEN_VISION)
             self.dtype = dtype
 
-    class TinyVisionQwen25Model(qwen_image.Qwen25_7BVLIModel):
-        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
-                     model_options={}):  # noqa: B006 - ComfyUI's signature
+    class TinyVisionQwen25Model(model_class):
+        def __init__(self, device="cpu", layer=default_layer, layer_idx=default_layer_idx, dtype=None,
+                     attention_mask=True, model_options={}):  # noqa: B006 - ComfyUI's signature
             sd1_clip.SDClipModel.__init__(
                 self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
                 special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=TinyVisionQwen25VLI,
@@ -139,7 +152,11 @@ def _model_options(family):
     return {"t5xxl_model_config": width, "umt5xxl_model_config": dict(TINY_T5), "clip_l_model_config": dict(TINY_CLIP_L),
             "clip_g_model_config": dict(TINY_CLIP_G), "qwen25_7b_model_config": dict(TINY_QWEN),
             "mistral3_24b_model_config": dict(TINY_MISTRAL), "qwen3_4b_model_config": dict(TINY_QWEN3),
-            "qwen3_8b_model_config": dict(TINY_QWEN3)}
+            "qwen3_8b_model_config": dict(TINY_QWEN3),
+            # HunyuanImage's byT5 gets model_options without a model_name: its key is "_model_config"
+            # and its Qwen2.5-VL reads hidden layer -3: 4 layers
+            **({"_model_config": dict(TINY_T5), "qwen25_7b_model_config": {**TINY_QWEN, "num_hidden_layers": 4}}
+               if family == "hunyuan_image" else {})}
 
 
 @functools.lru_cache(maxsize=None)

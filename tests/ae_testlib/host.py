@@ -96,6 +96,8 @@ FEATURES = {
                 ["comfy.supported_models:ZImage", "comfy.text_encoders.z_image:ZImageTokenizer"]),
     "flux2_klein": ("Flux.2 [klein]'s Qwen3-4B / Qwen3-8B text encoders (KleinTokenizer, KleinTokenizer8B)",
                     ["comfy.text_encoders.flux:KleinTokenizer8B", "comfy.text_encoders.flux:klein_te"]),
+    "hunyuan_image": ("HunyuanImage 2.1 (HunyuanVideo's model class with a 2-D patch, byT5 glyph text)",
+                      ["comfy.supported_models:HunyuanImage21", "comfy.text_encoders.hunyuan_image"]),
     "model_wrappers": ("model wrappers (comfy.patcher_extension: APPLY_MODEL)", ["comfy.patcher_extension"]),
     "attention_override": ("the optimized_attention_override hook of transformer_options",
                            ["comfy.ldm.modules.attention:wrap_attn"]),

@@ -4,13 +4,17 @@ Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image
 seeds 0..N-1, conditioning from ComfyUI's own tokenizers and text-encoder classes (tiny random
 encoders, ae_testlib.dit_text), a 24 x 34 latent (12 x 17 tokens), batch 2 with a different
 region per image, "cat" planted on it by a logit bias (`bias`, the attention-mask argument) or
-by editing q and k (`qk`), +beta logits. 3 copies, 4 of 8 euler steps, cfg 1. For each start-map
+by editing q and k (`qk`), +beta logits; `--noise` adds a fixed N(0, std) logit per (image token,
+text token). Candidate "textmass": 1 - the text's share of the joint row. 3 copies, 4 of 8 euler steps, cfg 1. For each start-map
 candidate: right object-word picks out of (seeds x 2 images) and the final mask's IoU with the
 region at latent size (min / mean).
 
     python tests/benchmarks/measure_instdiffedit_dit.py --family sd3 --seeds 4 --betas 2,4,8
     python tests/benchmarks/measure_instdiffedit_dit.py --family flux --words 125 --candidates end
     python tests/benchmarks/measure_instdiffedit_dit.py --family zimage --candidates first,open,end,noword
+    python tests/benchmarks/measure_instdiffedit_dit.py --family hunyuan_image --candidates end,noword
+
+HunyuanImage 2.1 (20 + 40 blocks, patch 1) runs on a 12 x 17 latent: the same 12 x 17 token grid.
 """
 import argparse
 import statistics
@@ -57,7 +61,7 @@ def encoded(clip, text, tokens_mod, tokens):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen", "zimage"))
+    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen", "zimage", "hunyuan_image"))
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--betas", default="2,4,8")
     parser.add_argument("--modes", default="bias,qk")
@@ -92,11 +96,14 @@ def main():
                            dit_plant.region_mask(grid, slice(5, 11), slice(grid[1] // 2 - 1, grid[1] - 2))])
     expected = regions.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :HEIGHT, :WIDTH]
     source = {"samples": torch.randn(2, 16, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(0))}
+    if args.family == "hunyuan_image":  # patch 1: the latent is the token grid; 64 channels
+        expected = regions
+        source = {"samples": torch.randn(2, 64, *grid, generator=torch.Generator().manual_seed(0))}
     if args.family == "qwen":
         source = {"samples": source["samples"][:, :, None]}
     width = positive[0][0].shape[-1]
     pooled = positive[0][1]["pooled_output"]
-    original = capture_mod.start_columns
+    original, mass_families = capture_mod.start_columns, capture_mod.TEXT_MASS_START
     results = {}
     for seed in range(args.seeds):
         model = dit_host.build(args.family, seed, real_depth=not args.shallow, context_dim=width,
@@ -106,14 +113,17 @@ def main():
                 planted = dit_plant.plant(model, regions.repeat_interleave(COPIES, 0), tokens.positions("cat"),
                                           beta=beta, mode=mode, noise=noise, noise_seed=seed)
                 for name in args.candidates.split(","):
-                    capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns[name])
+                    capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns.get(name))
+                    # "textmass": 1 - the text's share of the joint row (HunyuanImage's default)
+                    capture_mod.TEXT_MASS_START = ("Flux", "SD3", "Qwen-Image", "HunyuanImage") \
+                        if name == "textmass" else ()
                     try:
                         with torch.inference_mode():
                             result = ide.sample_instdiffedit(planted, positive, negative, source, 1, steps=8,
                                                              strength=0.5, cfg=1.0, sampler_name="euler",
                                                              scheduler="normal", copies=COPIES)
                     finally:
-                        capture_mod.start_columns = original
+                        capture_mod.start_columns, capture_mod.TEXT_MASS_START = original, mass_families
                     row = results.setdefault((mode, noise, beta, name), [])
                     for image in range(2):
                         row.append((int(result.index[image]) == cat,

@@ -185,6 +185,7 @@ TOO_LARGE = {
     "t5xxl_fp16.safetensors": "a full T5-XXL text encoder (4.7 B parameters, 24 fixed blocks)",
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": "a full Qwen2.5-VL-7B text encoder (8.3 B parameters, 28 fixed layers)",
     "qwen_3_4b.safetensors": "a full Qwen3-4B text encoder (4 B parameters, 36 fixed layers)",
+    "qwen_2.5_vl_7b.safetensors": "a full Qwen2.5-VL-7B text encoder (8.3 B parameters, 28 fixed layers; HunyuanImage 2.1)",
 }
 
 
