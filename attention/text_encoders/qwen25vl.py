@@ -67,7 +67,7 @@ def qwen_prompt_tokens(clip, text, images=(), vision_tokens=None, template=None,
         raise PromptWordError(
             f"{encoder}: ComfyUI cuts the first {cut} tokens of \"{short(text)}\" off as template, and with "
             f"them the words {', '.join(repr(w) for w in dict.fromkeys(hidden))}: the model never sees "
-            "them. Write the prompt without a template of your own (ComfyUI adds HunyuanImage's).")
+            "them. Write the prompt without a template of your own (ComfyUI adds the model's).")
     hf = sd_tokenizer.tokenizer
     im_end = hf.convert_tokens_to_ids("<|im_end|>")
     strings, positions, parts, ends = [], [], [], []
