@@ -39,7 +39,9 @@ def conditioning_axis_ids(clip, family, text):
         return ids("umt5xxl")
     if family == "sd3":
         return ids("l") + ids("t5xxl")
-    full = ids("qwen25_7b")  # the prefix up to the user turn's "<|im_start|>user\n" is cut off
+    # Qwen-Image, HunyuanImage (no quoted text here: no byT5 part): the prefix up to the user
+    # turn's "<|im_start|>user\n" is cut off
+    full = ids("qwen25_7b")
     starts = [i for i in range(len(full) - 2) if full[i:i + 3] == [151644, 872, 198]]
     return full[starts[0] + 3:]
 
@@ -61,7 +63,7 @@ def test_each_word_sits_on_its_own_tokens(family, text):
             if not group:
                 continue
             hf = (clip.tokenizer.clip_l.tokenizer if in_clip else
-                  clip.tokenizer.qwen25_7b.tokenizer if family == "qwen_image" else
+                  clip.tokenizer.qwen25_7b.tokenizer if family in ("qwen_image", "hunyuan_image") else
                   clip.tokenizer.clip_umt5xxl.tokenizer.tokenizer if family == "wan" else  # the SentencePiece model
                   (clip.tokenizer.clip_t5xxl if family == "chroma" else clip.tokenizer.t5xxl).tokenizer)
             got = hf.decode([axis[p] for p in group])
@@ -74,10 +76,11 @@ def test_each_word_sits_on_its_own_tokens(family, text):
     # every token that is not a word's is a control or template token
     other_positions = [p for p in range(pt.n_tokens) if p not in set(seen)]
     others = [pt.token_strings[p] for p in other_positions]
-    if family == "qwen_image":  # the closing template; between words only whitespace tokens
-        assert others[-5:] == ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+    if family in ("qwen_image", "hunyuan_image"):  # the closing template; between words only whitespace
+        closing = ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"] if family == "qwen_image" else ["<|im_end|>"]
+        assert others[-len(closing):] == closing
         qwen = clip.tokenizer.qwen25_7b.tokenizer
-        assert all(qwen.decode([axis[p]]).isspace() for p in other_positions[:-5])
+        assert all(qwen.decode([axis[p]]).isspace() for p in other_positions[:-len(closing)])
         assert pt.words[0].positions[0] == 0  # the template prefix is not on the axis
     elif family == "wan":  # SentencePiece keeps white space as pieces ('▁▁', a tab's '<0x09>')
         assert all(s in CONTROL or mapping.SentencePieceOffsets.is_space(s) for s in others), others
@@ -96,7 +99,7 @@ def test_weighted_words_are_the_rows_the_weight_changes(family):
     weighted_text = "a photo of a (red:1.5) car"
     weighted = nodes.encode.encode(clip, weighted_text)[0][0]
     pt = text_encoders.prompt_tokens(clip, weighted_text)
-    if family == "qwen_image":
+    if family in ("qwen_image", "hunyuan_image"):
         # ComfyUI passes Qwen prompts as text: '(red:1.5)' is a word. The conditioning is the
         # encoder's output without the template prefix: its rows are the last n_tokens.
         assert pt.word_list()[4] == "(red:1.5)" and pt.words[4].weight == 1.0

@@ -94,7 +94,7 @@ def test_maps_equal_brute_force_and_output_unchanged(batch, height, width, byt5,
     # the other token order gives other maps: the comparison can tell them apart
     other = brute_force(spy.calls, n_txt, height * width, normalise=normalise, image_first=not image_first_in_host_code())
     assert not torch.allclose(maps.probs.double(), other.reshape(maps.probs.shape), atol=1e-3)
-    assert maps.count == (2 + 2) * rec.STEPS * batch // batch  # 4 blocks x steps; the token refiner's calls are not in it
+    assert maps.count == (2 + 2) * rec.STEPS  # 4 blocks x steps: the token refiner's calls are not in it
     assert torch.equal(out, plain(with_override(model, SpyOverride()), positive, negative, latent))
 
 

@@ -65,7 +65,8 @@ def _byt5_part(clip, text, offset, encoder):
     return strings, found, [offset + len(comfy) - 1]
 
 
-def hunyuan_prompt_tokens(clip, text, encoder=None):
+def hunyuan_prompt_tokens(clip, text):
+    """PromptTokens of a HunyuanImage 2.1 prompt: the Qwen2.5-VL part, then the byT5 glyph part."""
     encoder = HUNYUAN_IMAGE.name
     qwen = qwen_prompt_tokens(clip, text, encoder=HUNYUAN_IMAGE, template_end=_hunyuan_template_end)
     n_qwen = len(qwen.token_strings)
