@@ -81,3 +81,14 @@ def test_a_template_that_hides_words_is_a_clear_error(clip):
 def test_qwen_image_encoder_is_not_taken_for_hunyuan(clip):
     assert text_encoders.encoder_family(clip) == "hunyuan_image"
     assert text_encoders.encoder_family(dit_text.build_dit_clip("qwen_image")) == "qwen_image"
+
+
+def test_a_long_prompt_keeps_every_word(clip):
+    """Neither part has a length limit in ComfyUI (no truncation, no chunks): a 400-word prompt with
+    quoted text keeps every word, the last ones included, on the conditioning's token axis."""
+    text = " ".join(f"word{i}" for i in range(400)) + ' and a sign "LAST ONE"'
+    ours = encode.AttentionTextEncode().run(clip, text)[0]
+    tokens = tokens_mod.annotation_of(ours)
+    cond, options = ours[0]
+    assert tokens.n_tokens == cond.shape[1] + options["conditioning_byt5small"].shape[1]
+    assert tokens.positions("word399") and max(tokens.positions("ONE")) == tokens.n_tokens - 5  # then '". ' and </s>
