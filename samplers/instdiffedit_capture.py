@@ -150,7 +150,7 @@ UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
 def _dit_capture(family_name, tokens, input_name):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, Z-Image or an SD1.x / SD2.x / SDXL UNet.")
     return DiTCapture(tokens, input_name, family_name)
 
 
