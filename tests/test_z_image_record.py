@@ -115,6 +115,37 @@ def test_maps_equal_brute_force_and_output_unchanged(batch, height, width, norma
     assert spy.blocks[:6] == [None, None, None, None, 0, 1]
 
 
+@pytest.mark.parametrize("normalise", ["text", "joint"])
+def test_pytorch_attention_output_bit_identical(normalise, monkeypatch):
+    """With --use-pytorch-cross-attention (NextDiT binds its kernel at import) the joint rows run
+    SDPA's CPU flash kernel in the recorder itself, once per recorded layer and step: the latent
+    stays bit-identical to plain sampling, and the maps (fused, and beside an override already
+    there) equal the brute force."""
+    from comfy.ldm.lumina import model as lumina
+    from comfy.ldm.modules import attention
+
+    recorder_mod = pack_module("attention.dit_recorder")
+    fused_calls = []
+
+    def counting_fused(call):
+        fused_calls.append(1)
+        return rec.kernel.fused_attention(call)
+
+    monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)
+    monkeypatch.setattr(recorder_mod, "fused_attention", counting_fused)
+    model = zimage()
+    positive, negative = dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2)
+    latent = dit_host.latent("zimage", 2, 5, 9)
+    out, maps = recording(model, positive, negative, latent, normalise=normalise)
+    assert torch.equal(out, plain(model, positive, negative, latent))
+    assert len(fused_calls) == (rec.STEPS if normalise == "joint" else 0)  # default block: layer 1 of 2
+    spy = BlockSpy()  # an override already there: the recorder computes beside it, from the same q, k
+    _, beside = recording(rec.with_override(model, spy), positive, negative, latent, normalise=normalise)
+    expected = brute_force(spy, N_TOKENS, grid_of(5, 9), {1}, normalise=normalise)
+    for probs in (maps.probs, beside.probs):
+        assert torch.allclose(probs.double(), expected.reshape(probs.shape), atol=2e-6, rtol=0)
+
+
 def test_refiner_layers_are_never_recorded():
     """The refiners run before the first main layer. Even with block metadata already in
     transformer_options when they run (another pack's leftovers: block 0, "double"), their calls,
