@@ -256,3 +256,30 @@ def test_foi_refuses_z_image_clearly():
     state = type("State", (), {"mask_blocks_spec": ""})()
     with pytest.raises(TypeError, match=r"FoI is not built for Z-Image yet.*FoI runs on Flux"):
         foi_dit.install_foi_dit(zimage().clone(), state)
+
+
+def test_attention_text_encode_words_on_z_image():
+    """The whole chain on real conditioning: Attention Text Encode with ComfyUI's Z-Image tokenizer
+    and Qwen3 encoder classes (tiny encoder; the words sit after the template's 3 opening tokens),
+    a planted region on "cat"'s own positions, Attention Mask by the word: IoU >= 0.9."""
+    from ae_testlib import dit_text
+
+    dit_text.require_dit_clip("z_image")
+    clip = dit_text.build_dit_clip("z_image")
+    encode = pack_module("nodes.encode")
+    text = "a photo of a cat on grass"
+    with torch.inference_mode():
+        positive = encode.AttentionTextEncode().run(clip, text)[0]
+        negative = encode.AttentionTextEncode().run(clip, "")[0]
+    tokens = positive[0][1][tokens_mod.ANNOTATION_KEY]
+    assert tokens.positions("cat") == [7] and tokens.token_strings[:3] == ["<|im_start|>", "user", "Ċ"]
+    model = dit_host.build("zimage", 0, context_dim=positive[0][0].shape[-1])
+    region = dit_plant.region_mask(GRID, slice(3, 9), slice(2, 10))
+    planted = dit_plant.plant(model, region, tokens.positions("cat"), beta=8.0)
+    _, maps = recording(planted, positive, negative, dit_host.latent("zimage", 1, 2 * GRID[0], 2 * GRID[1]),
+                        cfg=1.0, steps=4)
+    mask = nodes.AttentionMask().run(maps, "cat", mask_module.DEFAULT_BLUR, mask_module.DEFAULT_THRESHOLD,
+                                     "union")[0]
+    expected = region.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    assert maps.probs.shape[-1] == tokens.n_tokens
+    assert dit_plant.iou(mask[0] > 0.5, expected) >= 0.9
