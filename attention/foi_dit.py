@@ -334,8 +334,8 @@ def install_foi_dit(model_clone, state):
 
     family = require_family(model_clone)
     if family.refuses("FoI"):
-        raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux, SD3 / SD3.5, Qwen-Image (incl. Edit) and "
-                        "SD1.x / SD2.x / SDXL UNets.")
+        raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux Kontext, Qwen-Image-Edit and SD1.x / SD2.x / "
+                        "SDXL InstructPix2Pix UNets.")
     diffusion_model = model_clone.model.diffusion_model
     state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model, "mask_blocks")
     tag_blocks(model_clone, state.mask_blocks, state)  # says when a mask block runs

@@ -95,7 +95,7 @@ class InstDiffEdit:
         "mask from the prompt's cross-attention at every step and keeps the source outside it. "
         "Outputs the blended latent (one per image), the final mask at image size (feed it to an "
         "inpainting workflow, as the paper does) and a strip of the per-step masks. Runs on SD1.x, "
-        "SD2.x, SDXL and on the DiT models Flux, SD3 / SD3.5 and Qwen-Image.")
+        "SD2.x, SDXL and on the DiT models Flux, SD3 / SD3.5, Qwen-Image and Z-Image.")
 
     def run(self, model, positive, negative, source, seed, steps, strength, cfg, sampler_name,
             scheduler, copies, theta_hi, theta_lo, phi, background_noise):

@@ -122,7 +122,7 @@ def test_long_prompt_is_one_sequence(comfy_host):
 def test_a_template_that_hides_the_prompt_is_a_clear_error(comfy_host):
     dit_text.require_dit_clip("z_image")
     clip = dit_text.build_dit_clip("z_image")
-    with pytest.raises(chat.TemplateError, match=r"no '\{\}' for the prompt.*'a blue cat'|a blue cat"):
+    with pytest.raises(chat.TemplateError, match=r"no '\{\}' for the prompt.*a blue cat"):
         qwen3.qwen3_prompt_tokens(clip, "a blue cat", qwen3.Z_IMAGE, template="<|im_start|>user\nfixed<|im_end|>\n")
     # a node's own template with the prompt in it (TextEncodeZImageOmni passes one): positions follow it
     template = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"

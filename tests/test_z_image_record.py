@@ -115,6 +115,37 @@ def test_maps_equal_brute_force_and_output_unchanged(batch, height, width, norma
     assert spy.blocks[:6] == [None, None, None, None, 0, 1]
 
 
+@pytest.mark.parametrize("normalise", ["text", "joint"])
+def test_pytorch_attention_output_bit_identical(normalise, monkeypatch):
+    """With --use-pytorch-cross-attention (NextDiT binds its kernel at import) the joint rows run
+    SDPA's CPU flash kernel in the recorder itself, once per recorded layer and step: the latent
+    stays bit-identical to plain sampling, and the maps (fused, and beside an override already
+    there) equal the brute force."""
+    from comfy.ldm.lumina import model as lumina
+    from comfy.ldm.modules import attention
+
+    recorder_mod = pack_module("attention.dit_recorder")
+    fused_calls = []
+
+    def counting_fused(call):
+        fused_calls.append(1)
+        return rec.kernel.fused_attention(call)
+
+    monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)
+    monkeypatch.setattr(recorder_mod, "fused_attention", counting_fused)
+    model = zimage()
+    positive, negative = dit_host.conditioning(N_TOKENS, 1), dit_host.conditioning(N_TOKENS, 2)
+    latent = dit_host.latent("zimage", 2, 5, 9)
+    out, maps = recording(model, positive, negative, latent, normalise=normalise)
+    assert torch.equal(out, plain(model, positive, negative, latent))
+    assert len(fused_calls) == (rec.STEPS if normalise == "joint" else 0)  # default block: layer 1 of 2
+    spy = BlockSpy()  # an override already there: the recorder computes beside it, from the same q, k
+    _, beside = recording(rec.with_override(model, spy), positive, negative, latent, normalise=normalise)
+    expected = brute_force(spy, N_TOKENS, grid_of(5, 9), {1}, normalise=normalise)
+    for probs in (maps.probs, beside.probs):
+        assert torch.allclose(probs.double(), expected.reshape(probs.shape), atol=2e-6, rtol=0)
+
+
 def test_refiner_layers_are_never_recorded():
     """The refiners run before the first main layer. Even with block metadata already in
     transformer_options when they run (another pack's leftovers: block 0, "double"), their calls,
@@ -225,3 +256,30 @@ def test_foi_refuses_z_image_clearly():
     state = type("State", (), {"mask_blocks_spec": ""})()
     with pytest.raises(TypeError, match=r"FoI is not built for Z-Image yet.*FoI runs on Flux"):
         foi_dit.install_foi_dit(zimage().clone(), state)
+
+
+def test_attention_text_encode_words_on_z_image():
+    """The whole chain on real conditioning: Attention Text Encode with ComfyUI's Z-Image tokenizer
+    and Qwen3 encoder classes (tiny encoder; the words sit after the template's 3 opening tokens),
+    a planted region on "cat"'s own positions, Attention Mask by the word: IoU >= 0.9."""
+    from ae_testlib import dit_text
+
+    dit_text.require_dit_clip("z_image")
+    clip = dit_text.build_dit_clip("z_image")
+    encode = pack_module("nodes.encode")
+    text = "a photo of a cat on grass"
+    with torch.inference_mode():
+        positive = encode.AttentionTextEncode().run(clip, text)[0]
+        negative = encode.AttentionTextEncode().run(clip, "")[0]
+    tokens = positive[0][1][tokens_mod.ANNOTATION_KEY]
+    assert tokens.positions("cat") == [7] and tokens.token_strings[:3] == ["<|im_start|>", "user", "Ċ"]
+    model = dit_host.build("zimage", 0, context_dim=positive[0][0].shape[-1])
+    region = dit_plant.region_mask(GRID, slice(3, 9), slice(2, 10))
+    planted = dit_plant.plant(model, region, tokens.positions("cat"), beta=8.0)
+    _, maps = recording(planted, positive, negative, dit_host.latent("zimage", 1, 2 * GRID[0], 2 * GRID[1]),
+                        cfg=1.0, steps=4)
+    mask = nodes.AttentionMask().run(maps, "cat", mask_module.DEFAULT_BLUR, mask_module.DEFAULT_THRESHOLD,
+                                     "union")[0]
+    expected = region.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    assert maps.probs.shape[-1] == tokens.n_tokens
+    assert dit_plant.iou(mask[0] > 0.5, expected) >= 0.9

@@ -1,4 +1,4 @@
-"""Tiny random-weight DiT models (Flux, Flux Kontext, Chroma, SD3, Qwen-Image) from ComfyUI's own
+"""Tiny random-weight DiT models (Flux, Flux Kontext, Chroma, SD3, Qwen-Image, Z-Image) from ComfyUI's own
 classes, configured the way ComfyUI configures a checkpoint it loads.
 
 Each family is described by a *checkpoint skeleton*: the keys (with tiny shapes) by which
