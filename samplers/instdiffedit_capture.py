@@ -170,9 +170,8 @@ TEXT_MASS_START = ("HunyuanImage",)
 def _dit_capture(family_name, tokens, input_name, level=DIT_LEVEL):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 or an
-                        SD1.x / "
-                        "SD2.x / SDXL UNet.")
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 or an "
+                        "SD1.x / SD2.x / SDXL UNet.")
     return DiTCapture(tokens, input_name, family_name, level)
 
 
