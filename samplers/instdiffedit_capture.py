@@ -79,12 +79,14 @@ class UNetCapture:
 
 
 class DiTCapture(UNetCapture):
-    """Joint attention of a DiT: an end-token start map, the mask reduced from 2x the latent."""
+    """Joint attention of a DiT: an end-token start map, the mask reduced from 4x the token grid
+    (2x the latent at patch 2; Flux.2's patch 1: 4x the latent)."""
 
     level = DIT_LEVEL
 
-    def __init__(self, tokens, input_name="positive", family_name=None):
+    def __init__(self, tokens, input_name="positive", family_name=None, level=DIT_LEVEL):
         super().__init__(tokens, input_name)
+        self.level = level  # the token grid is the latent / 2**level
         self.start_columns = start_columns(tokens)
         if family_name in PADDED_DITS:
             warn_if_padding_runs_short(tokens, self.start_columns)
@@ -100,10 +102,11 @@ class DiTCapture(UNetCapture):
         return torch.cat([start, attn], dim=-1), shifted, self.eos + 1
 
     def to_latent(self, mask, latent_hw):
-        """[B, 4h, 4w] (2x the latent, padded grid) -> [B, H, W]: a latent pixel is edited when at
-        least half of its 2 x 2 mask pixels are."""
+        """[B, 4h, 4w] (2x the latent at patch 2, padded grid; 4x at patch 1) -> [B, H, W]: a latent
+        pixel is edited when at least half of its mask pixels (2 x 2; 4 x 4) are."""
         height, width = latent_hw
-        return resize_mask(_crop(mask, (2 * height, 2 * width)), latent_hw)  # area mean >= 0.5
+        factor = 4 // 2 ** self.level
+        return resize_mask(_crop(mask, (factor * height, factor * width)), latent_hw)  # area mean >= 0.5
 
 
 def start_columns(tokens):
@@ -145,22 +148,19 @@ UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no paddi
 _VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
           "Attention Mask give per-frame word masks on Wan (docs/video.md)")
 UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
-UNSUPPORTED_DITS["Flux.2"] = ("its start map (a patch-1 token grid, a Mistral / Qwen3 prompt without T5's padding "
-                              "tokens) is not measured yet; KSampler (Record Attention) and Attention Mask give "
-                              "word masks on Flux.2 (docs/recording.md)")
 
 
-def _dit_capture(family_name, tokens, input_name):
+def _dit_capture(family_name, tokens, input_name, level=DIT_LEVEL):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name, family_name)
+                        "Use Flux (dev, schnell), Flux.2, SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
+    return DiTCapture(tokens, input_name, family_name, level)
 
 
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
     family = dit_family(model)
-    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive", family.level)
 
 
 def capture_for_maps(maps):
@@ -173,4 +173,4 @@ def capture_for_maps(maps):
             f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
             "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
             "'text keys only' (the default) in KSampler (Record Attention).")
-    return _dit_capture(maps.family, tokens, "attention_maps")
+    return _dit_capture(maps.family, tokens, "attention_maps", maps.level)

@@ -49,45 +49,54 @@ def run(args, model=None):
     _pytorch_attention()
     model = model or build()
     positive, negative = _conditioning(1), _conditioning(2)
-    steps = args.dit_steps
     for size in (int(s) for s in args.dit_sizes.split(",")):
         latent = {"samples": torch.zeros(1, 16, size // 8, size // 8)}
-        sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
-        peaks, cpu = {}, {}
+        compare(model, positive, negative, latent, args.dit_steps, args.repeats,
+                f"DiT recording, full-width Flux blocks, {size} px")
+    memory_report(model, positive, negative)
 
-        def measured(name, function):
-            def go():
-                start = time.thread_time()
-                with PeakMemory(torch.device("cpu")) as memory:
-                    function()
-                cpu.setdefault(name, []).append(time.thread_time() - start)
-                peaks[name] = max(peaks.get(name, 0), memory.peak)
-            return go
 
-        def plain():
-            common.ksample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent, sigmas)
+def compare(model, positive, negative, latent, steps, repeats, label, normalisations=("text", "joint")):
+    """Plain sampling vs recording (each normalisation), interleaved: wall and sampling-thread
+    CPU medians, peak RSS rise. Shared by the DiT recording benchmarks (bench_flux2_record)."""
+    sigmas = common.schedule(model, steps, "euler", "simple", 1.0)
+    peaks, cpu = {}, {}
 
-        def recording(normalise):
-            return lambda: record.sample_recording(model, 0, steps, 1.0, "euler", "simple", positive, negative,
-                                                   latent, normalise=normalise)
+    def measured(name, function):
+        def go():
+            start = time.thread_time()
+            with PeakMemory(torch.device("cpu")) as memory:
+                function()
+            cpu.setdefault(name, []).append(time.thread_time() - start)
+            peaks[name] = max(peaks.get(name, 0), memory.peak)
+            print(f"  ({name}: {cpu[name][-1]:.1f} s CPU, peak RSS rise {memory.peak / 2 ** 20:.0f} MiB)", flush=True)
+        return go
 
-        variants = {"plain sampling": measured("plain sampling", plain),
-                    "recording (text keys)": measured("recording (text keys)", recording("text")),
-                    "recording (joint)": measured("recording (joint)", recording("joint"))}
-        medians, runs = interleaved(variants, args.repeats)
-        report(f"DiT recording, full-width Flux blocks, {size} px, {steps} step(s), cfg 1", medians,
-               "plain sampling", target=1.05)
-        for name, values in runs.items():
-            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-        report("same runs, CPU time of the sampling thread", {n: statistics.median(v) for n, v in cpu.items()},
-               "plain sampling", target=1.05)
-        for name, values in cpu.items():
-            print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-        base = peaks["plain sampling"]
-        print("  peak RSS rise: " + ", ".join(f"{n} {p / 2 ** 20:.0f} MiB" for n, p in peaks.items())
-              + "; extra over plain: " + ", ".join(f"{n} {(p - base) / max(base, 1):+.1%}"
-                                                    for n, p in peaks.items() if n != "plain sampling"))
+    def plain():
+        common.ksample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent, sigmas)
 
+    def recording(normalise):
+        return lambda: record.sample_recording(model, 0, steps, 1.0, "euler", "simple", positive, negative,
+                                               latent, normalise=normalise)
+
+    names = {"text": "recording (text keys)", "joint": "recording (joint)"}
+    variants = {"plain sampling": measured("plain sampling", plain)}
+    variants.update({names[n]: measured(names[n], recording(n)) for n in normalisations})
+    medians, runs = interleaved(variants, repeats)
+    report(f"{label}, {steps} step(s), cfg 1", medians, "plain sampling", target=1.05)
+    for name, values in runs.items():
+        print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
+    report("same runs, CPU time of the sampling thread", {n: statistics.median(v) for n, v in cpu.items()},
+           "plain sampling", target=1.05)
+    for name, values in cpu.items():
+        print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
+    base = peaks["plain sampling"]
+    print("  peak RSS rise: " + ", ".join(f"{n} {p / 2 ** 20:.0f} MiB" for n, p in peaks.items())
+          + "; extra over plain: " + ", ".join(f"{n} {(p - base) / max(base, 1):+.1%}"
+                                                for n, p in peaks.items() if n != "plain sampling"))
+
+
+def memory_report(model, positive, negative):
     print("\n## DiT recorded-map memory (full-width Flux, 256 px)")
     latent = {"samples": torch.zeros(1, 16, 32, 32)}
     for steps in (2, 6):
