@@ -1,4 +1,4 @@
-"""FoI on DiT instruction-editing models (Flux Kontext, Qwen-Image-Edit): keyword masks from the
+"""FoI on DiT instruction-editing models (Flux Kontext, Flux.2, Qwen-Image-Edit): keyword masks from the
 joint attention at the first step (Sec. 4.1, Eq. 2) and the cross-condition attention modulation
 (Sec. 4.2, Eq. 3-7) on the image -> text scores of joint attention. docs/foi.md ("DiT models")
 maps every adaptation to its equation.
@@ -25,7 +25,7 @@ import torch
 
 from ..masks.foi import DIT_MASK_UPSAMPLE, dit_keyword_masks, token_masks_to_latent, token_region_mask
 from ..masks.validate import check_finite
-from .families import PATCH, layout_of, parse_blocks, require_family, token_grid
+from .families import PATCH, parse_blocks, require_family, token_grid
 from .dit_kernel import bind_attention_args, heads_first, sdpa_runs_cpu_flash, text_probabilities
 from .dit_recorder import tag_blocks
 from .foi_modulation import modulate_scores, token_alpha
@@ -128,11 +128,13 @@ class FoIDiTState:
         self.alphas = None
         self.mask_blocks = []
         self.branches = dict(NULL_FIRST)  # cond index of each branch (the guider sets it)
+        self.patch = PATCH  # latent pixels per token (install_foi_dit sets the family's: Flux.2 1)
         self.begin(None)
 
     def begin(self, latent_hw):
         self.latent_hw = None if latent_hw is None else tuple(int(s) for s in latent_hw)
-        self.grid = None if latent_hw is None else token_grid(latent_hw)
+        self.grid = None if latent_hw is None else token_grid(latent_hw, self.patch)
+        self.shift = 0  # the instruction's first token among the recorded keys (Flux.2's left padding)
         self.phase = "extract"
         self.prob_sum = None
         self.prob_count = 0
@@ -168,7 +170,8 @@ class FoIDiTState:
                 "conditioning must cover the whole image (no area conditioning), and the mask blocks "
                 "must run (mask_blocks).")
         mean = self.prob_sum / self.prob_count
-        maps = torch.stack([mean[..., list(pos)].mean(-1) for pos in self.instructions.keyword_positions], 1)
+        maps = torch.stack([mean[..., [p + self.shift for p in pos]].mean(-1)
+                            for pos in self.instructions.keyword_positions], 1)
         return maps.reshape(maps.shape[0], maps.shape[1], *self.grid)
 
     def finish_extraction(self, gamma=3, tau=0.5, kernel_size=3, sigma=0.5, upsample=DIT_MASK_UPSAMPLE):
@@ -181,20 +184,25 @@ class FoIDiTState:
         return self.masks
 
     # ---- Eq. 3-6 inputs ------------------------------------------------------------------
-    def region(self, n_txt, device):
-        key = ("region", n_txt, device)
+    def spans(self, start):
+        """The sub-instructions' token positions among the text keys, the prompt starting at `start`
+        (Flux.2: after the left padding; 0 elsewhere)."""
+        return [tuple(p + start for p in span) for span in self.instructions.spans]
+
+    def region(self, n_txt, device, start=0):
+        key = ("region", n_txt, device, start)
         if key not in self._cache:
-            self._cache[key] = token_region_mask(self.masks, self.instructions.spans, n_txt, self.grid,
+            self._cache[key] = token_region_mask(self.masks, self.spans(start), n_txt, self.grid,
                                                  outside=self.outside).to(device)
         return self._cache[key]
 
-    def alpha_tokens(self, n_txt, device):
-        key = ("alpha", n_txt, device)
+    def alpha_tokens(self, n_txt, device, start=0):
+        key = ("alpha", n_txt, device, start)
         if key not in self._cache:
             if self.alphas is None or all(a == 1.0 for a in self.alphas):
                 self._cache[key] = None
             else:
-                self._cache[key] = token_alpha(self.alphas, self.instructions.spans, n_txt).to(device)
+                self._cache[key] = token_alpha(self.alphas, self.spans(start), n_txt).to(device)
         return self._cache[key]
 
     def union(self, latent_hw, device):
@@ -202,7 +210,7 @@ class FoIDiTState:
         key = ("union", tuple(latent_hw), device)
         if key not in self._cache:
             union = (self.masks > 0.5).any(1, keepdim=True)
-            self._cache[key] = token_masks_to_latent(union, latent_hw, PATCH).to(device)
+            self._cache[key] = token_masks_to_latent(union, latent_hw, self.patch).to(device)
         return self._cache[key]
 
     def warn_unpaired(self):
@@ -254,9 +262,11 @@ class _FoIOverride(ChainedPatch):
         if state.phase == "extract":
             out = self._run(func, args, kwargs)
             if inst is not None and state.block in state.mask_blocks:
-                bias = mask_rows(inst)
-                state.record(q[inst][:, :, img], k[inst][:, :, :layout.n_txt],
-                             None if bias is None else bias[..., :layout.n_txt])
+                # Flux.2: the keys from key_start (its zero left-padding is not the instruction)
+                bias, first = mask_rows(inst), layout.key_start
+                state.shift = layout.prompt_start - first
+                state.record(q[inst][:, :, img], k[inst][:, :, first:layout.n_txt],
+                             None if bias is None else bias[..., first:layout.n_txt])
             return out
 
         if inst is None:
@@ -275,7 +285,8 @@ class _FoIOverride(ChainedPatch):
             q_null, bias_null = kept
         modulated = modulated_image_rows(
             q[inst][:, :, img], k[inst], v[inst], q_null, layout.n_txt,
-            state.region(layout.n_txt, q.device), state.alpha_tokens(layout.n_txt, q.device), state.xi,
+            state.region(layout.n_txt, q.device, layout.prompt_start),
+            state.alpha_tokens(layout.n_txt, q.device, layout.prompt_start), state.xi,
             mask_rows(inst), bias_null)
         state.stats["modulated"] += 1
         if self.inner is None:
@@ -337,6 +348,7 @@ def install_foi_dit(model_clone, state):
         raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux Kontext, Qwen-Image-Edit and SD1.x / SD2.x / "
                         "SDXL InstructPix2Pix UNets.")
     diffusion_model = model_clone.model.diffusion_model
+    state.patch = family.spatial_patch
     state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model, "mask_blocks")
     tag_blocks(model_clone, state.mask_blocks, state)  # says when a mask block runs
     options = model_clone.model_options["transformer_options"]
@@ -347,9 +359,12 @@ def install_foi_dit(model_clone, state):
         chunks = list(transformer_options.get("cond_or_uncond") or [])
         forward = None
         if c_crossattn is not None and chunks and state.grid is not None and state.instructions is not None:
-            layout = layout_of(x, c_crossattn, diffusion_model)
+            per_chunk = x.shape[0] // len(chunks)
+            # the instruction's rows give the text layout (Flux.2 pads each prompt by its own length)
+            rows = _rows(chunks, state.branches["instruction"], per_chunk) or slice(None)
+            layout = family.layout(x[rows], c_crossattn[rows], diffusion_model, kwargs)
             if layout.n_img == state.grid[0] * state.grid[1]:  # not an area-cropped forward
-                forward = _Forward(layout, chunks, x.shape[0] // len(chunks))
+                forward = _Forward(layout, chunks, per_chunk)
         previous, state.forward = state.forward, forward
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -2,7 +2,6 @@
 their DiT forms for Flux Kontext and Qwen-Image-Edit."""
 import torch
 
-from ..attention.families import PATCH
 from ..attention.instructions import annotate_instructions, instructions_from_tokens, parse_instructions
 from ..attention.instructions import encoded_text, split_instructions
 from ..attention.tokens import tokens_of
@@ -287,7 +286,7 @@ class FoIDiTSampler:
 
         samplers = comfy.samplers.KSampler.SAMPLERS
         inputs = {
-            "model": ("MODEL", {"tooltip": "Flux Kontext or Qwen-Image-Edit."}),
+            "model": ("MODEL", {"tooltip": "Flux Kontext, Flux.2 (reference editing) or Qwen-Image-Edit."}),
             "positive": ("CONDITIONING", {"tooltip": "The instruction, with the image to edit: Instruction Text "
                          "Encode -> ReferenceLatent -> FluxGuidance (Kontext), or Instruction Text Encode "
                          "(Qwen-Image-Edit)."}),
@@ -319,16 +318,17 @@ class FoIDiTSampler:
         out, guider = sample_foi_dit(model, positive, negative, latent_image, seed, steps, sampler_name,
                                      scheduler, denoise, config)
         latent_hw = tuple(out["samples"].shape[-2:])
-        masks = token_masks_to_latent(guider.masks, latent_hw, PATCH)
+        masks = token_masks_to_latent(guider.masks, latent_hw, guider.state.patch)
         keywords = guider.state.instructions.keywords
-        return (out, image_masks(masks, latent_hw), mask_preview(masks, keywords, latent_hw))
+        scale = guider.pixel_scale  # 8; Flux.2 16
+        return (out, image_masks(masks, latent_hw, scale), mask_preview(masks, keywords, latent_hw, scale))
 
 
 class FoIDiTGuiderNode:
     @classmethod
     def INPUT_TYPES(cls):
         inputs = {
-            "model": ("MODEL", {"tooltip": "Flux Kontext or Qwen-Image-Edit."}),
+            "model": ("MODEL", {"tooltip": "Flux Kontext, Flux.2 (reference editing) or Qwen-Image-Edit."}),
             "positive": ("CONDITIONING", {"tooltip": "The instruction with the image to edit (see FoI Sampler (DiT))."}),
             "negative": ("CONDITIONING", {"tooltip": "The null instruction with the image to edit."}),
         }

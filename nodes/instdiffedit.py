@@ -25,10 +25,10 @@ def _threshold_inputs():
     }
 
 
-def to_image_mask(mask):
-    """Latent-size mask [B, H, W] -> MASK [B, 8H, 8W] float 0/1 on the CPU."""
+def to_image_mask(mask, scale=LATENT_TO_IMAGE):
+    """Latent-size mask [B, H, W] -> MASK [B, 8H, 8W] (Flux.2: 16H, 16W) float 0/1 on the CPU."""
     mask = mask.float().cpu()
-    return mask.repeat_interleave(LATENT_TO_IMAGE, -2).repeat_interleave(LATENT_TO_IMAGE, -1)
+    return mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
 
 
 def step_strip(step_masks, max_frames=PREVIEW_MAX_FRAMES):
@@ -56,7 +56,7 @@ class InstDiffEdit:
 
         samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
         return {"required": {
-            "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL, or Flux, SD3 / SD3.5, Qwen-Image "
+            "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL, or Flux, Flux.2, SD3 / SD3.5, Qwen-Image "
                       "(their joint attention gives the mask; docs/instdiffedit.md)."}),
             "positive": ("CONDITIONING", {"tooltip":
                          "The target prompt (what the edited image shows, e.g. 'a photo of a "
@@ -104,7 +104,8 @@ class InstDiffEdit:
                                      scheduler=scheduler, copies=copies, theta_hi=theta_hi,
                                      theta_lo=theta_lo, phi=phi,
                                      background=BACKGROUND_CHOICES[background_noise])
-        return (output_latent(source, result.samples), to_image_mask(result.mask), step_strip(result.step_masks))
+        return (output_latent(source, result.samples), to_image_mask(result.mask, result.pixel_scale),
+                step_strip(result.step_masks))
 
 
 class InstDiffEditMask:
@@ -126,7 +127,7 @@ class InstDiffEditMask:
                    "blurs and thresholds. MASK at image size.")
 
     def run(self, attention_maps, theta_hi, theta_lo, phi):
-        return (to_image_mask(mask_from_maps(attention_maps, theta_hi, theta_lo, phi)),)
+        return (to_image_mask(mask_from_maps(attention_maps, theta_hi, theta_lo, phi), attention_maps.pixel_scale),)
 
 
 NODE_CLASS_MAPPINGS = {

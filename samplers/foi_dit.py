@@ -1,5 +1,5 @@
 """FoI ("Focus on Your Instruction", Guo & Lin, CVPR 2024) on the DiT instruction-editing models
-Flux Kontext and Qwen-Image-Edit, as a ComfyUI guider. docs/foi.md ("DiT models").
+Flux Kontext, Flux.2 (reference editing) and Qwen-Image-Edit, as a ComfyUI guider. docs/foi.md ("DiT models").
 
 Branches (one calc_cond_batch per model evaluation):
     instruction + image        eps(z, I, T)    the positive
@@ -15,7 +15,7 @@ Guidance, Eq. 9 with the branches each model has:
     eps = eps_none + s_I (eps_img - eps_none) + s_T (eps_full - eps_img) * M_union
 - Qwen-Image-Edit runs true CFG (cfg on the empty prompt with the image): that is Eq. 9 with
   s_I = 1 (eps_none drops out) and s_T = cfg; s_I != 1 adds the third branch (IP2P's image guidance).
-- Flux Kontext is guidance-distilled (one prediction per step, FluxGuidance inside the model):
+- Flux Kontext (and Flux.2 [dev]) is guidance-distilled (one prediction per step, FluxGuidance inside the model):
   s_T = 1, s_I = 1, i.e. eps = eps_img + M_union (eps_full - eps_img), the masked combination of
   the instruction's and the empty instruction's predictions.
 Step 0 has no masks yet (they are made from its attention): Eq. 1 (M_union = 1) and no modulation,
@@ -50,6 +50,9 @@ class EditModel:
 
 
 KONTEXT = EditModel("Flux Kontext", 1.0, "ReferenceLatent (and FluxGuidance 2.5)")
+# Flux.2 ([dev]: guidance-distilled like Kontext, FluxGuidance 4 in ComfyUI's template): its built-in
+# reference editing, the reference latent(s) through ReferenceLatent
+FLUX2 = EditModel("Flux.2", 1.0, "ReferenceLatent (and FluxGuidance 4)")
 QWEN_EDIT = EditModel("Qwen-Image-Edit", 2.5, "Instruction Text Encode (Qwen-Image-Edit) with vae and image")
 
 
@@ -59,11 +62,13 @@ def edit_model(model_patcher):
     name = getattr(family, "name", None)
     if name == "Flux":
         return KONTEXT
+    if name == "Flux.2":
+        return FLUX2
     if name == "Qwen-Image":
         return QWEN_EDIT
     kind = type(model_patcher.model.diffusion_model).__name__
     raise TypeError(
-        f"FoI for DiT models supports Flux Kontext and Qwen-Image-Edit; this model is {kind}"
+        f"FoI for DiT models supports Flux Kontext, Flux.2 and Qwen-Image-Edit; this model is {kind}"
         f"{' (' + name + ')' if name else ''}. For InstructPix2Pix UNets use FoI Sampler / FoI Guider.")
 
 
@@ -122,9 +127,12 @@ def dit_conds(positive, negative, model):
     return null, positive, neither
 
 
-def branch_order(positive, null):
-    """{branch: cond index}: instruction first when the contexts have one length, else the null."""
-    same = positive[0][0].shape[1:] == null[0][0].shape[1:]
+def branch_order(positive, null, family=None):
+    """{branch: cond index}: instruction first when the contexts reach the model with one length
+    (Family.text_length: Flux.2 pads both to 512), else the null."""
+    length = family.text_length if family is not None else (lambda n: n)
+    same = (length(positive[0][0].shape[1]), *positive[0][0].shape[2:]) == \
+        (length(null[0][0].shape[1]), *null[0][0].shape[2:])
     return INSTRUCTION_FIRST if same else NULL_FIRST
 
 
@@ -133,6 +141,8 @@ class FoIDiTGuider(InstructionGuider):
 
     def __init__(self, model_patcher, config=None):
         self.model = edit_model(model_patcher)
+        self.family = dit_family(model_patcher)
+        self.pixel_scale = self.family.pixel_scale(model_patcher.model.diffusion_model)  # 8; Flux.2 16
         config = config or FoIDiTConfig()
         self.state = FoIDiTState(mask_blocks=config.mask_blocks)
         super().__init__(install_foi_dit(model_patcher.clone(), self.state), config)
@@ -151,7 +161,7 @@ class FoIDiTGuider(InstructionGuider):
         for name, conditioning in (("positive", positive), ("negative", negative)):
             for reference in conditioning[0][1].get("reference_latents") or []:
                 check_latent(self.model_patcher, reference, name, f"reference latent ({self.model.reference})")
-        self.state.branches = dict(branch_order(full, null))
+        self.state.branches = dict(branch_order(full, null, self.family))
         self.inner_set_conds({"negative": null, "positive": full, "neither": neither})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):

@@ -71,6 +71,7 @@ class InstDiffEditResult:
     index: Optional[torch.Tensor]  # [B] chosen word (1-based; 0 none), from step 0
     sigmas: torch.Tensor  # the schedule that was run (strength applied)
     copies: int
+    pixel_scale: int = 8  # image pixels per latent pixel (Flux.2: 16)
 
 
 def edit_schedule(model, steps, sampler_name, scheduler, strength):
@@ -269,7 +270,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     step_masks = torch.stack(loop.masks)
     return InstDiffEditResult(samples=out[::copies], all_samples=out, mask=step_masks[-1],
                               step_masks=step_masks, position=loop.position, index=loop.index,
-                              sigmas=sigmas, copies=copies)
+                              sigmas=sigmas, copies=copies, pixel_scale=getattr(recorder, "pixel_scale", 8))
 
 
 def mask_from_maps(maps, theta_hi=0.9, theta_lo=0.6, phi=0.2, exact=True):

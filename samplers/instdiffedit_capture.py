@@ -82,7 +82,8 @@ class UNetCapture:
 
 
 class DiTCapture(UNetCapture):
-    """Joint attention of a DiT: an end-token start map, the mask reduced from 2x the latent."""
+    """Joint attention of a DiT: an end-token start map, the mask reduced from 4x the token grid
+    (2x the latent at patch 2; Flux.2's patch 1: 4x the latent)."""
 
     level = DIT_LEVEL
 
@@ -109,11 +110,11 @@ class DiTCapture(UNetCapture):
         return torch.cat([start, attn], dim=-1), shifted, self.eos + 1
 
     def to_latent(self, mask, latent_hw):
-        """[B, 4h, 4w] (2x the latent, padded grid; HunyuanImage's patch-1 grid: 4x) -> [B, H, W]:
-        a latent pixel is edited when at least half of its 2 x 2 (4 x 4) mask pixels are."""
+        """[B, 4h, 4w] (2x the latent at patch 2, padded grid; 4x at patch 1) -> [B, H, W]: a latent
+        pixel is edited when at least half of its mask pixels (2 x 2; 4 x 4) are (HunyuanImage and Flux.2 are patch 1)."""
         height, width = latent_hw
-        scale = 4 // 2 ** self.level
-        return resize_mask(_crop(mask, (scale * height, scale * width)), latent_hw)  # area mean >= 0.5
+        factor = 4 // 2 ** self.level
+        return resize_mask(_crop(mask, (factor * height, factor * width)), latent_hw)  # area mean >= 0.5
 
 
 def start_columns(tokens):
@@ -155,9 +156,6 @@ UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no paddi
 _VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
           "Attention Mask give per-frame word masks on Wan (docs/video.md)")
 UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
-UNSUPPORTED_DITS["Flux.2"] = ("its start map (a patch-1 token grid, a Mistral / Qwen3 prompt without T5's padding "
-                              "tokens) is not measured yet; KSampler (Record Attention) and Attention Mask give "
-                              "word masks on Flux.2 (docs/recording.md)")
 # Families whose prompt keeps too few tokens of no word for their mean to be a start map:
 # HunyuanImage 2.1 keeps one (<|im_end|>; ComfyUI cuts its template's prefix and it has no closing
 # turn), and one token's map fails under per-token noise (docs/instdiffedit.md, "HunyuanImage
@@ -170,7 +168,7 @@ TEXT_MASS_START = ("HunyuanImage",)
 def _dit_capture(family_name, tokens, input_name, level=DIT_LEVEL):
     if family_name in UNSUPPORTED_DITS:
         raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 or an "
+                        "Use Flux (dev, schnell), Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 or an "
                         "SD1.x / SD2.x / SDXL UNet.")
     return DiTCapture(tokens, input_name, family_name, level)
 

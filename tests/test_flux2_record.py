@@ -226,14 +226,3 @@ def test_another_patch_size_in_flux_class_is_refused_naming_it(monkeypatch):
     with pytest.raises(TypeError, match=r"Flux's class with patch size 4 \(the pack reads patch 1 / 2"):
         families.require_family(model)
 
-
-def test_instdiffedit_and_foi_refuse_flux2_naming_it():
-    """Not built on Flux.2 yet: both say so before any work, instead of reading patch-2 grids."""
-    capture = pack_module("samplers.instdiffedit_capture")
-    foi_dit = pack_module("samplers.foi_dit")
-    model = dit_host.model("flux", "flux2")
-    with pytest.raises(TypeError, match=r"InstDiffEdit does not support Flux\.2 yet: its start map"):
-        capture.capture_for(model, word_tokens())
-    with pytest.raises(TypeError, match=r"FoI for DiT models supports Flux Kontext and Qwen-Image-Edit; this model is "
-                                        r"Flux \(Flux\.2\)"):
-        foi_dit.edit_model(model)

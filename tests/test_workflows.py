@@ -12,9 +12,7 @@ from ae_testlib.pack import PACK_ROOT
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 # workflows for DiT models use loader nodes (and options) that only hosts with DiT models have
 DIT_WORKFLOWS = {"flux_record_attention.json", "qwen_image_record_attention.json", "instdiffedit_flux.json",
-                 "foi_flux_kontext.json", "foi_qwen_image_edit.json"}
-# workflows for models only newer hosts run: the host feature they need (ae_testlib.host.FEATURES)
-HOST_FEATURES = {"z_image_record_attention.json": "z_image"}
+                 "foi_flux_kontext.json", "foi_qwen_image_edit.json", "flux2_record_attention.json"}
 DIT_WORKFLOWS |= {"hunyuan_image_record_attention.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
@@ -94,10 +92,11 @@ def types_match(a, b):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_workflow_is_valid(path, comfy_host):
-    if path.name in DIT_WORKFLOWS or path.name in HOST_FEATURES:
+    if path.name in DIT_WORKFLOWS or host.workflow_missing_reason(path.name):
         dit_host.require_dit_host()
-    if path.name in HOST_FEATURES and host.missing_reason((HOST_FEATURES[path.name],)):
-        pytest.skip(host.missing_reason((HOST_FEATURES[path.name],)))
+    newer = host.workflow_missing_reason(path.name)  # Flux.2, Z-Image: newer hosts only
+    if newer:
+        pytest.skip(newer)
     workflow = json.loads(path.read_text())
     classes = node_classes()
     nodes = {node["id"]: node for node in workflow["nodes"]}

@@ -75,6 +75,10 @@ class Family:
     def pixel_scale(self, diffusion_model):
         return 8  # the VAE's downscale: 8x for these families
 
+    def text_length(self, n_tokens):
+        """The text length the model runs a conditioning of n_tokens at (Flux.2 pads to 512)."""
+        return n_tokens
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from .base import Family, Layout, token_grid
 
+TEXT_LENGTH = 512  # model_base.Flux2's target_text_len
+
 
 def leading_zero_rows(context):
     """How many rows at the start of `context` ([B, L, C]) are zero in every batch row: the
@@ -38,6 +40,9 @@ class Flux2Family(Family):
 
     def pixel_scale(self, diffusion_model):
         return 16  # Flux.2's VAE: 8x, then 2x2 packed into the 128 channels
+
+    def text_length(self, n_tokens):
+        return max(n_tokens, TEXT_LENGTH)  # model_base.Flux2 left-pads shorter prompts
 
 
 CLASSES = {

@@ -378,3 +378,14 @@ def _tiny_sdxl_clip_class():
 
 def TinySDXLClip(**kwargs):  # noqa: N802 - used as a class by comfy.sd.CLIP
     return _tiny_sdxl_clip_class()(**kwargs)
+
+
+# Workflows whose nodes or loader options only newer hosts have (name without .json -> features):
+# tests/test_workflows.py and the e2e tests skip them elsewhere with the host reason.
+WORKFLOW_FEATURES = {"flux2_record_attention": ("flux2",), "z_image_record_attention": ("z_image",)}
+
+
+def workflow_missing_reason(name):
+    """The host skip reason for a workflow (file name, with or without .json), or None."""
+    features = WORKFLOW_FEATURES.get(name[:-5] if name.endswith(".json") else name)
+    return missing_reason(features) if features else None

@@ -1,8 +1,10 @@
 """InstDiffEdit on DiTs: which start map finds a planted word (docs/instdiffedit.md, "DiT models").
 
-Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image 60, Z-Image 30), weight
+Tiny-width models at the released block counts (Flux 19 + 38, SD3 24, Qwen-Image 60, Z-Image 30, Flux.2
+[dev] 8 + 48), weight
 seeds 0..N-1, conditioning from ComfyUI's own tokenizers and text-encoder classes (tiny random
-encoders, ae_testlib.dit_text), a 24 x 34 latent (12 x 17 tokens), batch 2 with a different
+encoders, ae_testlib.dit_text; Flux.2: Mistral with mistral-common's tekken file), a 24 x 34 latent (12 x 17
+tokens; Flux.2, patch 1: a 12 x 17 latent), batch 2 with a different
 region per image, "cat" planted on it by a logit bias (`bias`, the attention-mask argument) or
 by editing q and k (`qk`), +beta logits; `--noise` adds a fixed N(0, std) logit per (image token,
 text token). Candidate "textmass": 1 - the text's share of the joint row. 3 copies, 4 of 8 euler steps, cfg 1. For each start-map
@@ -13,6 +15,7 @@ region at latent size (min / mean).
     python tests/benchmarks/measure_instdiffedit_dit.py --family flux --words 125 --candidates end
     python tests/benchmarks/measure_instdiffedit_dit.py --family zimage --candidates first,open,end,noword
     python tests/benchmarks/measure_instdiffedit_dit.py --family hunyuan_image --candidates end,noword
+    python tests/benchmarks/measure_instdiffedit_dit.py --family flux2 --candidates start,end,system,noword
 
 HunyuanImage 2.1 (20 + 40 blocks, patch 1) runs on a 12 x 17 latent: the same 12 x 17 token grid.
 """
@@ -41,8 +44,9 @@ def candidates(tokens):
     last = max(worded)
     first = min(worded)
     return {
-        "start": [i for i, s in enumerate(tokens.token_strings) if s == "<start>"][:1],
+        "start": [i for i, s in enumerate(tokens.token_strings) if s in ("<start>", "<s>")][:1],
         "end": [i for i in range(last + 1, tokens.n_tokens) if i not in worded],
+        "system": [i for i in range(1, first)],  # Flux.2 [dev]: the system prompt's template tokens
         "noword": [i for i in range(tokens.n_tokens) if i not in worded],
         # a chat template's tokens before the prompt (Qwen3: "<|im_start|>", "user", "\n"): like
         # CLIP's start token a causal encoder gives them the same vectors whatever the prompt
@@ -61,7 +65,7 @@ def encoded(clip, text, tokens_mod, tokens):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen", "zimage", "hunyuan_image"))
+    parser.add_argument("--family", default="sd3", choices=("flux", "sd3", "qwen", "zimage", "hunyuan_image", "flux2"))
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--betas", default="2,4,8")
     parser.add_argument("--modes", default="bias,qk")
@@ -91,14 +95,14 @@ def main():
     columns = candidates(tokens)
     print(f"{args.family}: {tokens.n_tokens} text tokens, {len(tokens.words)} words; start-map columns "
           + ", ".join(f"{name} {len(cols)}" for name, cols in columns.items()))
-    grid = ((HEIGHT + 1) // 2, (WIDTH + 1) // 2)
+    patch = 1 if args.family in ("flux2", "hunyuan_image") else 2  # Flux.2, HunyuanImage: a token per latent cell
+    lat_h, lat_w = (HEIGHT // 2, WIDTH // 2) if patch == 1 else (HEIGHT, WIDTH)  # the same token grid
+    grid = ((lat_h + patch - 1) // patch, (lat_w + patch - 1) // patch)
     regions = torch.stack([dit_plant.region_mask(grid, slice(2, 8), slice(3, 9)),
                            dit_plant.region_mask(grid, slice(5, 11), slice(grid[1] // 2 - 1, grid[1] - 2))])
-    expected = regions.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :HEIGHT, :WIDTH]
-    source = {"samples": torch.randn(2, 16, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(0))}
-    if args.family == "hunyuan_image":  # patch 1: the latent is the token grid; 64 channels
-        expected = regions
-        source = {"samples": torch.randn(2, 64, *grid, generator=torch.Generator().manual_seed(0))}
+    expected = regions.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[..., :lat_h, :lat_w]
+    channels = {"flux2": 128, "hunyuan_image": 64}.get(args.family, 16)
+    source = {"samples": torch.randn(2, channels, lat_h, lat_w, generator=torch.Generator().manual_seed(0))}
     if args.family == "qwen":
         source = {"samples": source["samples"][:, :, None]}
     width = positive[0][0].shape[-1]
@@ -106,8 +110,9 @@ def main():
     original, mass_families = capture_mod.start_columns, capture_mod.TEXT_MASS_START
     results = {}
     for seed in range(args.seeds):
-        model = dit_host.build(args.family, seed, real_depth=not args.shallow, context_dim=width,
-                               pooled_dim=None if pooled is None else pooled.shape[-1])
+        family, variant = ("flux", "flux2") if args.family == "flux2" else (args.family, None)
+        model = dit_host.build(family, seed, variant=variant, real_depth=not args.shallow, context_dim=width,
+                               pooled_dim=None if pooled is None or variant else pooled.shape[-1])
         for mode in args.modes.split(","):
             for beta, noise in ((float(b), float(n)) for b in args.betas.split(",") for n in args.noise.split(",")):
                 planted = dit_plant.plant(model, regions.repeat_interleave(COPIES, 0), tokens.positions("cat"),

@@ -10,7 +10,7 @@ import time
 from common import host, setup
 
 BENCHES = ("record", "instdiffedit", "foi", "magedit", "dit_record", "instdiffedit_dit", "foi_dit", "wan_record",
-           "z_image_record")
+           "z_image_record", "flux2_record")
 
 
 def main():
@@ -21,6 +21,7 @@ def main():
     parser.add_argument("--steps-512", type=int, default=2)
     parser.add_argument("--dit-steps", type=int, default=1, help="dit_record: sampling steps per run")
     parser.add_argument("--dit-sizes", default="512,1024", help="dit_record: image sizes in px")
+    parser.add_argument("--flux2-sizes", default="1024", help="flux2_record: image sizes in px")
     parser.add_argument("--foi-dit-size", type=int, default=512, help="foi_dit: image size in px")
     parser.add_argument("--foi-dit-steps", type=int, default=3, help="foi_dit: sampling steps per run")
     parser.add_argument("--wan-size", default="480x832x33", help="wan_record: HxWxFRAMES in pixels / decoded frames")

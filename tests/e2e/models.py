@@ -186,6 +186,9 @@ TOO_LARGE = {
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": "a full Qwen2.5-VL-7B text encoder (8.3 B parameters, 28 fixed layers)",
     "qwen_3_4b.safetensors": "a full Qwen3-4B text encoder (4 B parameters, 36 fixed layers)",
     "qwen_2.5_vl_7b.safetensors": "a full Qwen2.5-VL-7B text encoder (8.3 B parameters, 28 fixed layers; HunyuanImage 2.1)",
+    # Flux.2 [dev] (ComfyUI's template): a 32 B diffusion model and the Mistral-Small-3.1 24 B text encoder
+    "flux2_dev_fp8mixed.safetensors": "the Flux.2 [dev] diffusion model (32 B parameters)",
+    "mistral_3_small_flux2_bf16.safetensors": "a full Mistral-Small-3.1 text encoder (24 B parameters, 40 layers)",
 }
 
 
