@@ -57,6 +57,7 @@ class UNetCapture:
     """The official capture: column 0 is CLIP's start token, the 4x mask is the latent."""
 
     level = UNET_LEVEL
+    video = False  # masks have a frame axis (VideoDiTCapture)
 
     def __init__(self, tokens, input_name="positive"):
         self.groups, self.eos = word_groups(tokens, input_name)
@@ -138,26 +139,50 @@ def warn_if_padding_runs_short(tokens, start):
             worded, tokens.n_tokens, len(start))
 
 
+class VideoDiTCapture(DiTCapture):
+    """Wan video: the DiT capture run on every latent frame. Maps [B, F', h, w, T] (frame-major,
+    the recorder's video maps) are refined as B x F' images, so every latent frame gets the whole
+    InstDiffEdit refinement of its own (start-map similarity, word pick and P, frozen at the first
+    step per frame, blur, threshold); masks are [B, F', H, W] at latent size.
+
+    Start map: the tokens of no word, as on the image DiTs. On umT5 these are '</s>' and the
+    zeroed padding; the recorder renormalises over the prompt's real keys, so the padding columns
+    are 0 and the start map is '</s>''s map (scaled, which the refinement's per-map scaling undoes).
+    Measured against the other candidates (docs/instdiffedit.md, "Wan video";
+    tests/benchmarks/measure_instdiffedit_wan.py)."""
+
+    video = True
+
+    def refine(self, attn, thresholds, position=None, exact=True):
+        batch, frames = attn.shape[:2]
+        result = super().refine(attn.flatten(0, 1), thresholds, position, exact)
+        return result._replace(mask=result.mask.reshape(batch, frames, *result.mask.shape[1:]))
+
+    def to_latent(self, mask, latent_hw):
+        """[B, F', 4h, 4w] -> [B, F', H, W] (latent_hw: (F', H, W) or (H, W))."""
+        flat = super().to_latent(mask.flatten(0, 1), tuple(latent_hw)[-2:])
+        return flat.reshape(*mask.shape[:2], *flat.shape[1:])
+
+
 # Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
 # map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
 UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
                               "reliable start map (docs/instdiffedit.md, 'DiT models')"}
-_VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
-          "Attention Mask give per-frame word masks on Wan (docs/video.md)")
-UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
 
 
-def _dit_capture(family_name, tokens, input_name):
-    if family_name in UNSUPPORTED_DITS:
-        raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image or an SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name, family_name)
+def _dit_capture(name, video, tokens, input_name):
+    if name in UNSUPPORTED_DITS:
+        raise TypeError(f"InstDiffEdit does not support {name} yet: {UNSUPPORTED_DITS[name]}. "
+                        "Use Flux (dev, schnell), SD3 / SD3.5, Qwen-Image, Wan 2.1 / 2.2 (video) or an "
+                        "SD1.x / SD2.x / SDXL UNet.")
+    return (VideoDiTCapture if video else DiTCapture)(tokens, input_name, name)
 
 
 def capture_for(model, tokens):
-    """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
+    """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT (VideoDiTCapture
+    for Wan), else UNet's."""
     family = dit_family(model)
-    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive")
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, family.video, tokens, "positive")
 
 
 def capture_for_maps(maps):
@@ -170,4 +195,4 @@ def capture_for_maps(maps):
             f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
             "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
             "'text keys only' (the default) in KSampler (Record Attention).")
-    return _dit_capture(maps.family, tokens, "attention_maps")
+    return _dit_capture(maps.family, maps.frames is not None, tokens, "attention_maps")
