@@ -79,10 +79,15 @@ class UNetCapture:
         return _crop(mask, latent_hw)
 
 
+DESCRIBED = {"text": "renormalised over the text keys", "joint": "over all keys (the model's own rows; "
+             "the start map is the padding keys' share)"}
+
+
 class DiTCapture(UNetCapture):
     """Joint attention of a DiT: an end-token start map, the mask reduced from 2x the latent."""
 
     level = DIT_LEVEL
+    normalise = "text"  # the recorded rows the start map was measured on
 
     def __init__(self, tokens, input_name="positive", family_name=None):
         super().__init__(tokens, input_name)
@@ -145,13 +150,34 @@ class VideoDiTCapture(DiTCapture):
     InstDiffEdit refinement of its own (start-map similarity, word pick and P, frozen at the first
     step per frame, blur, threshold); masks are [B, F', H, W] at latent size.
 
-    Start map: the tokens of no word, as on the image DiTs. On umT5 these are '</s>' and the
-    zeroed padding; the recorder renormalises over the prompt's real keys, so the padding columns
-    are 0 and the start map is '</s>''s map (scaled, which the refinement's per-map scaling undoes).
-    Measured against the other candidates (docs/instdiffedit.md, "Wan video";
-    tests/benchmarks/measure_instdiffedit_wan.py)."""
+    Start map (start_map = "padding", measured: docs/instdiffedit.md "Wan video",
+    tests/benchmarks/measure_instdiffedit_wan.py): umT5 has no start token, and its tokens of no
+    word are '</s>' and the padding ComfyUI zeroes. The zeroed padding rows still become keys (Wan's
+    text embedding of 0 is its bias), 505 copies of one key for a short prompt, and they take the
+    attention the words leave, as CLIP's start token does. So the maps are recorded as the model's
+    own rows over all 512 keys ("joint"); the start map is the padding's share, 1 - the prompt's
+    keys' mass, and the word maps are the rows renormalised over the prompt's keys. '</s>''s map
+    alone (start_map = "columns": the image DiTs' rule, which on rows renormalised over the prompt's
+    keys is '</s>' alone) is one token's map and picked the wrong word under per-token noise."""
 
     video = True
+    start_map = "padding"  # or "columns" (start_columns' mean, on text-renormalised rows)
+
+    @property
+    def normalise(self):
+        return "joint" if self.start_map == "padding" else "text"
+
+    def recorder(self, n_tokens):
+        return DiTRecorder(branch="cond", n_tokens=n_tokens, normalise=self.normalise)
+
+    def maps_and_columns(self, attn):
+        if self.start_map != "padding":
+            return super().maps_and_columns(attn)
+        # joint rows: the prompt's keys hold the recorded probabilities, the padding columns are 0
+        mass = attn.sum(-1, keepdim=True)
+        text = attn / mass.clamp_min(torch.finfo(attn.dtype).tiny)
+        shifted = [[c + 1 for c in columns] for columns in self.groups]
+        return torch.cat([(1 - mass).clamp_min(0), text], dim=-1), shifted, self.eos + 1
 
     def refine(self, attn, thresholds, position=None, exact=True):
         batch, frames = attn.shape[:2]
@@ -190,9 +216,11 @@ def capture_for_maps(maps):
     tokens = maps.require_tokens()
     if maps.family is None:
         return UNetCapture(tokens, "attention_maps")
-    if maps.normalise != "text":  # the start map and thresholds were measured on text-key rows
+    capture = _dit_capture(maps.family, maps.frames is not None, tokens, "attention_maps")
+    if maps.normalise != capture.normalise:  # the start map and thresholds were measured on these rows
+        wanted = {"text": "'text keys only' (the default)", "joint": "'joint (all keys)'"}[capture.normalise]
         raise ValueError(
             f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
-            "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
-            "'text keys only' (the default) in KSampler (Record Attention).")
-    return _dit_capture(maps.family, maps.frames is not None, tokens, "attention_maps")
+            f"InstDiffEdit on {maps.family} reads the rows {DESCRIBED[capture.normalise]}. Set 'normalisation' "
+            f"to {wanted} in KSampler (Record Attention).")
+    return capture

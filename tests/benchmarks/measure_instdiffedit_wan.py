@@ -11,11 +11,11 @@ video's region in the text cross-attention (wan_host.plant; optional per-token l
 
 Candidates (umT5 has no start token; the tokens of no word are '</s>' and the zeroed padding):
 - noword: mean over every token of no word ('</s>' + padding; the padding columns are 0 in rows
-  renormalised over the real keys, so this is '</s>''s map scaled): the image DiTs' rule, default
+  renormalised over the real keys, so this is '</s>''s map scaled): the image DiTs' rule
 - end: '</s>' alone
 - padmass: the padding keys' share of the model's own row (joint normalisation: 1 - the real
   keys' mass; the 505 padding keys are one key vector repeated), word maps renormalised over the
-  real keys
+  real keys: the default (VideoDiTCapture.start_map = "padding")
 - first: column 0 (the literal port; a word on umT5)
 
     python tests/benchmarks/measure_instdiffedit_wan.py --variant wan21 --seeds 3 --betas 2,4,8 --noise 0,1
@@ -46,28 +46,17 @@ def main():
     from ae_testlib import dit_plant, wan_host
 
     capture_mod = pack_module("samplers.instdiffedit_capture")
-    recorder_mod = pack_module("attention.dit_recorder")
     tokens = wr.annotated()
     worded = {p for word in tokens.words for p in word.positions}
     columns = {"noword": [i for i in range(tokens.n_tokens) if i not in worded], "end": [wr.N_REAL - 1],
                "first": [0]}
-    original_maps = capture_mod.DiTCapture.maps_and_columns
-    original_recorder = capture_mod.DiTCapture.__dict__["recorder"]
-
-    def padmass_maps(self, attn):  # joint rows: start = 1 - real mass; words renormalised
-        mass = attn[..., :wr.N_REAL].sum(-1, keepdim=True)
-        text = torch.nn.functional.pad(attn[..., :wr.N_REAL] / mass.clamp_min(1e-12), (0, attn.shape[-1] - wr.N_REAL))
-        shifted = [[c + 1 for c in group] for group in self.groups]
-        return torch.cat([1 - mass, text], -1), shifted, self.eos + 1
+    video_capture = capture_mod.VideoDiTCapture
 
     def use(name):
         if name == "padmass":
-            capture_mod.DiTCapture.maps_and_columns = padmass_maps
-            capture_mod.DiTCapture.recorder = staticmethod(
-                lambda n_tokens: recorder_mod.DiTRecorder(branch="cond", n_tokens=n_tokens, normalise="joint"))
+            video_capture.start_map = "padding"
         else:
-            capture_mod.DiTCapture.maps_and_columns = original_maps
-            capture_mod.DiTCapture.recorder = original_recorder
+            video_capture.start_map = "columns"
             capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns[name])
 
     original_start = capture_mod.start_columns
@@ -81,7 +70,7 @@ def main():
                 try:
                     result = twi.edit(model, twi.source(args.variant), seed=seed)
                 finally:
-                    use("noword")
+                    video_capture.start_map = "padding"
                     capture_mod.start_columns = original_start
                 mask = pack_module("masks.video").pixel_frame_masks(result.mask.float(), scale)
                 ious = twi.frame_ious(mask, scale)
