@@ -126,7 +126,8 @@ class InstDiffEditMask:
             "attention_maps": ("ATTENTION_MAPS", {"tooltip":
                                "Maps from KSampler (Record Attention) with the prompt encoded by "
                                "Attention Text Encode: UNets at resolution 1/4; DiT models (Flux, "
-                               "SD3, Qwen-Image, Wan video) with any dit_blocks."}),
+                               "SD3, Qwen-Image, Wan video) with any dit_blocks; Wan with normalisation "
+                               "'joint (all keys)' (one mask per decoded frame)."}),
             **_threshold_inputs(),
         }}
 
