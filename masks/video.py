@@ -82,3 +82,11 @@ def video_word_mask(word_map, out_hw, blur_sigma=DEFAULT_BLUR, threshold=DEFAULT
     check_number(threshold, "threshold", 0.0, 1.0, hint="fraction of each video's range; 0 gives the soft map")
     soft = video_soft_maps(word_map, out_hw, blur_sigma, temporal_sigma, covered)
     return (soft >= threshold).float() if threshold > 0 else soft
+
+
+def pixel_frame_masks(mask, scale):
+    """Latent-size masks per latent frame [B, F, H, W] -> one per decoded frame at pixel size,
+    batch-major [B * F', scale * H, scale * W] (F' = 1 + 4 (F - 1)), as VAE Decode gives a video."""
+    index = latent_frame_of(pixel_frames(mask.shape[1])).to(mask.device)
+    pixels = mask[:, index].repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    return pixels.flatten(0, 1)

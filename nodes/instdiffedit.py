@@ -1,6 +1,7 @@
 """InstDiffEdit and InstDiffEdit Mask nodes."""
 import torch
 
+from ..masks.video import latent_frame_of, pixel_frame_masks, pixel_frames
 from ..samplers.common import output_latent
 from ..samplers.instdiffedit import mask_from_maps, sample_instdiffedit
 from .common import CATEGORY, LATENT_TO_IMAGE
@@ -26,14 +27,21 @@ def _threshold_inputs():
 
 
 def to_image_mask(mask, scale=LATENT_TO_IMAGE):
-    """Latent-size mask [B, H, W] -> MASK [B, 8H, 8W] (Flux.2: 16H, 16W) float 0/1 on the CPU."""
+    """Latent-size mask [B, H, W] -> MASK [B, sH, sW] float 0/1 on the CPU (s = `scale`: 8, Flux.2 16).
+    Video (Wan) masks per latent frame [B, F', H, W] -> one per decoded frame, batch-major."""
     mask = mask.float().cpu()
+    if mask.dim() == 4:
+        return pixel_frame_masks(mask, scale)
     return mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
 
 
 def step_strip(step_masks, max_frames=PREVIEW_MAX_FRAMES):
     """[steps, B, H, W] -> IMAGE [B, H, frames * (W + 1) - 1, 3]: the per-step masks side by side
-    (white = edited), separated by gray columns; at most max_frames steps, the last always shown."""
+    (white = edited), separated by gray columns; at most max_frames steps, the last always shown.
+    Video masks [steps, B, F', H, W]: one strip per decoded frame, batch-major (as the MASK)."""
+    if step_masks.dim() == 5:
+        index = latent_frame_of(pixel_frames(step_masks.shape[2])).to(step_masks.device)
+        step_masks = step_masks[:, :, index].flatten(1, 2)
     steps = step_masks.shape[0]
     if steps > max_frames:
         chosen = torch.linspace(0, steps - 1, max_frames).round().long()
@@ -56,13 +64,15 @@ class InstDiffEdit:
 
         samplers, schedulers = comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
         return {"required": {
-            "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL, or Flux, Flux.2, SD3 / SD3.5, Qwen-Image "
-                      "(their joint attention gives the mask; docs/instdiffedit.md)."}),
+            "model": ("MODEL", {"tooltip": "SD1.x / SD2.x / SDXL, or Flux, Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image, "
+                      "HunyuanImage 2.1 (their joint attention gives the mask; docs/instdiffedit.md), or Wan "
+                      "2.1 / 2.2 video (a mask per frame; docs/video.md)."}),
             "positive": ("CONDITIONING", {"tooltip":
                          "The target prompt (what the edited image shows, e.g. 'a photo of a "
                          "raccoon') from Attention Text Encode: the mask comes from its words."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (official: empty)."}),
-            "source": ("LATENT", {"tooltip": "The image to edit (VAE Encode); one edit per image."}),
+            "source": ("LATENT", {"tooltip": "The image to edit (VAE Encode); one edit per image. "
+                       "On Wan: the video to edit (VAE Encode of its frames with the Wan VAE)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "control_after_generate": True}),
             "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip":
@@ -95,7 +105,8 @@ class InstDiffEdit:
         "mask from the prompt's cross-attention at every step and keeps the source outside it. "
         "Outputs the blended latent (one per image), the final mask at image size (feed it to an "
         "inpainting workflow, as the paper does) and a strip of the per-step masks. Runs on SD1.x, "
-        "SD2.x, SDXL and on the DiT models Flux, SD3 / SD3.5, Qwen-Image and Z-Image.")
+        "SD2.x, SDXL, on the DiT models Flux, Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image and HunyuanImage 2.1, "
+        "and on Wan 2.1 / 2.2 video (one mask per decoded frame).")
 
     def run(self, model, positive, negative, source, seed, steps, strength, cfg, sampler_name,
             scheduler, copies, theta_hi, theta_lo, phi, background_noise):
@@ -115,7 +126,8 @@ class InstDiffEditMask:
             "attention_maps": ("ATTENTION_MAPS", {"tooltip":
                                "Maps from KSampler (Record Attention) with the prompt encoded by "
                                "Attention Text Encode: UNets at resolution 1/4; DiT models (Flux, "
-                               "SD3, Qwen-Image) with any dit_blocks."}),
+                               "SD3, Qwen-Image, Wan video) with any dit_blocks; Wan with normalisation "
+                               "'joint (all keys)' (one mask per decoded frame)."}),
             **_threshold_inputs(),
         }}
 

@@ -39,8 +39,8 @@ def refuse_dit(model, method):
 
 def latent_broadcast(mask, like):
     """[B, H, W] mask -> broadcastable against latents [B, C, H, W], or Qwen-Image's one-frame
-    [B, C, 1, H, W]."""
-    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 3)), *mask.shape[1:])
+    [B, C, 1, H, W]; a video mask [B, F, H, W] against a video latent [B, C, F, H, W]."""
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - mask.dim())), *mask.shape[1:])
 
 
 def _latent_format(model):

@@ -54,6 +54,7 @@ import torch
 
 from ..attention.tokens import recorded_length, tokens_of
 from ..masks.validate import check_finite, check_number
+from ..masks.video import latent_frame_of, pixel_frames
 from .common import (check_latent, check_sampling, latent_broadcast, latent_samples, progress_callback,
                      progress_disabled, schedule)
 from .instdiffedit_capture import capture_for, capture_for_maps
@@ -65,13 +66,14 @@ BACKGROUNDS = ("official", "matching")
 class InstDiffEditResult:
     samples: torch.Tensor  # [B, C, H, W]: the first noise copy of each image (output latent space)
     all_samples: torch.Tensor  # [B * copies, C, H, W], image-major (image 0's copies first)
-    mask: torch.Tensor  # [B, H, W] float 0/1 at latent size: the final mask
+    mask: torch.Tensor  # [B, H, W] float 0/1 at latent size: the final mask (video: [B, F', H, W])
     step_masks: torch.Tensor  # [steps, B, H, W]: the mask of every denoising step, in order
-    position: Optional[torch.Tensor]  # [B, words + 2] P over [BOS, words, EOS], frozen at step 0
-    index: Optional[torch.Tensor]  # [B] chosen word (1-based; 0 none), from step 0
+    position: Optional[torch.Tensor]  # [B, words + 2] P over [BOS, words, EOS], frozen at step 0 (video: [B * F', ...])
+    index: Optional[torch.Tensor]  # [B] chosen word (1-based; 0 none), from step 0 (video: [B * F'], per frame)
     sigmas: torch.Tensor  # the schedule that was run (strength applied)
     copies: int
-    pixel_scale: int = 8  # image pixels per latent pixel (Flux.2: 16)
+    frames: Optional[int] = None  # video (Wan): latent frames of the masks; None for images
+    pixel_scale: int = 8  # pixels per latent cell (Flux.2, Wan 2.2 5B: 16; HunyuanImage: 32)
 
 
 def edit_schedule(model, steps, sampler_name, scheduler, strength):
@@ -105,6 +107,7 @@ def check_source(model, samples, input_name="source", noise_mask=None):
 
 
 def check_grid(grid, latent_hw, input_name="source"):
+    grid, latent_hw = tuple(grid)[-2:], tuple(latent_hw)[-2:]  # video: (frames, h, w), any frame count
     if min(grid) < 2:
         h, w = latent_hw
         raise ValueError(
@@ -212,6 +215,32 @@ class _BlendingDenoiser:
         return self._inner(x, sigma, *args, **kwargs)
 
 
+def _video_noise_mask(noise_mask, images, frames, copies):
+    """A Set Latent Noise Mask mask on a video source -> [images * copies, 1, F', H, W]: one mask for
+    every frame, one per latent frame of each video, or one per decoded frame (VAE Encode's input,
+    Attention Mask's output): a latent frame is regenerated where any of its pixel frames is.
+    ComfyUI itself would interpolate all masks along one time axis (mixing the videos of a batch)."""
+    if noise_mask is None:
+        return None
+    masks = noise_mask.reshape(-1, *noise_mask.shape[-2:])
+    count = masks.shape[0]
+    if count == 1:
+        return noise_mask  # ComfyUI broadcasts one mask to every frame
+    decoded = pixel_frames(frames)
+    if count % images == 0 and count // images in (frames, decoded):
+        per_video = masks.reshape(images, count // images, *masks.shape[-2:])
+        if count // images != frames:  # pixel frames -> latent frames
+            index = latent_frame_of(decoded).to(per_video.device)
+            per_video = torch.stack([per_video[:, index == f].amax(1) for f in range(frames)], 1)
+        return per_video.repeat_interleave(copies, 0)[:, None]
+    if count % images == 0:  # says when the frame count is not one Wan decodes
+        latent_frame_of(count // images, what=f"the 'source' latent's noise mask (per video, {images} video(s))")
+    raise ValueError(
+        f"the 'source' latent's noise mask has {count} masks, but the source is {images} video(s) of {frames} "
+        f"latent frames ({decoded} decoded frames each): connect 1 mask (all frames), {images * decoded} (one per "
+        f"decoded frame, batch-major, as Attention Mask gives them) or {images * frames} (one per latent frame)")
+
+
 def _expand_noise_mask(noise_mask, images, copies):
     if noise_mask is None or copies == 1:
         return noise_mask
@@ -243,7 +272,12 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     capture = capture_for(model, tokens_of(positive, "positive"))
     source = latent_samples(model, latent)
     check_source(model, source, noise_mask=latent.get("noise_mask"))
-    images, latent_hw = source.shape[0], tuple(source.shape[-2:])
+    # video (Wan): masks per latent frame, (F', H, W); images: (H, W)
+    images, latent_hw = source.shape[0], tuple(source.shape[2:] if capture.video else source.shape[-2:])
+    if capture.video:
+        noise_mask = _video_noise_mask(latent.get("noise_mask"), images, latent_hw[0], copies)
+    else:
+        noise_mask = _expand_noise_mask(latent.get("noise_mask"), images, copies)
 
     patched = model.clone()
     sigmas = edit_schedule(patched, steps, sampler_name, scheduler, strength)
@@ -262,7 +296,7 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     n_steps = len(sigmas) - 1
     out = comfy.sample.sample_custom(
         patched, noise, cfg, sampler, sigmas, positive, negative, batch,
-        noise_mask=_expand_noise_mask(latent.get("noise_mask"), images, copies),
+        noise_mask=noise_mask,
         callback=callback or progress_callback(patched, n_steps),
         disable_pbar=progress_disabled(), seed=seed)
     check_finite(out, "InstDiffEdit's sampled latent")
@@ -270,12 +304,13 @@ def sample_instdiffedit(model, positive, negative, latent, seed, steps=50, stren
     step_masks = torch.stack(loop.masks)
     return InstDiffEditResult(samples=out[::copies], all_samples=out, mask=step_masks[-1],
                               step_masks=step_masks, position=loop.position, index=loop.index,
-                              sigmas=sigmas, copies=copies, pixel_scale=getattr(recorder, "pixel_scale", 8))
+                              sigmas=sigmas, copies=copies, frames=latent_hw[0] if capture.video else None,
+                              pixel_scale=recorder.pixel_scale)
 
 
 def mask_from_maps(maps, theta_hi=0.9, theta_lo=0.6, phi=0.2, exact=True):
     """InstDiffEdit mask [B, H, W] (latent size) from ATTENTION_MAPS: a UNet's at 1/4 of the
-    latent, or a DiT's (any blocks)."""
+    latent, or a DiT's (any blocks); Wan video maps give [B, F', H, W], one per latent frame."""
     check_thresholds(theta_hi, theta_lo, phi)
     capture = capture_for_maps(maps)
     if maps.level != capture.level:
@@ -285,6 +320,6 @@ def mask_from_maps(maps, theta_hi=0.9, theta_lo=0.6, phi=0.2, exact=True):
             "KSampler (Record Attention).")
     if capture.eos >= maps.probs.shape[-1]:
         raise ValueError(f"the maps hold {maps.probs.shape[-1]} tokens, fewer than the prompt's")
-    check_grid(tuple(maps.probs.shape[1:3]), maps.latent_hw, "attention_maps")
+    check_grid(tuple(maps.probs.shape[-3:-1]), maps.latent_hw, "attention_maps")
     result = capture.refine(maps.probs, (theta_hi, theta_lo, phi), exact=exact)
     return capture.to_latent(result.mask, maps.latent_hw)

@@ -60,6 +60,7 @@ class UNetCapture:
     """The official capture: column 0 is CLIP's start token, the 4x mask is the latent."""
 
     level = UNET_LEVEL
+    video = False  # masks have a frame axis (VideoDiTCapture)
 
     def __init__(self, tokens, input_name="positive"):
         self.groups, self.eos = word_groups(tokens, input_name)
@@ -81,11 +82,16 @@ class UNetCapture:
         return _crop(mask, latent_hw)
 
 
+DESCRIBED = {"text": "renormalised over the text keys", "joint": "over all keys (the model's own rows; "
+             "the start map is 1 - the prompt's share)"}
+
+
 class DiTCapture(UNetCapture):
     """Joint attention of a DiT: an end-token start map, the mask reduced from 4x the token grid
     (2x the latent at patch 2; Flux.2's patch 1: 4x the latent)."""
 
     level = DIT_LEVEL
+    normalise = "text"  # the recorded rows the start map was measured on
 
     def __init__(self, tokens, input_name="positive", family_name=None, level=DIT_LEVEL):
         super().__init__(tokens, input_name)
@@ -149,34 +155,58 @@ def warn_if_padding_runs_short(tokens, start):
             worded, tokens.n_tokens, len(start))
 
 
+class VideoDiTCapture(DiTCapture):
+    """Wan video: the DiT capture run on every latent frame. Maps [B, F', h, w, T] (frame-major,
+    the recorder's video maps) are refined as B x F' images, so every latent frame gets the whole
+    InstDiffEdit refinement of its own (start-map similarity, word pick and P, frozen at the first
+    step per frame, blur, threshold); masks are [B, F', H, W] at latent size. The start map is the
+    text-mass one (TEXT_MASS_START: 1 - the prompt keys' share of the model's own rows over all 512
+    umT5 keys, i.e. the zeroed padding's share), measured against '</s>', the tokens of no word and
+    column 0 in docs/instdiffedit.md "Wan video"."""
+
+    video = True
+
+    def refine(self, attn, thresholds, position=None, exact=True):
+        batch, frames = attn.shape[:2]
+        result = super().refine(attn.flatten(0, 1), thresholds, position, exact)
+        return result._replace(mask=result.mask.reshape(batch, frames, *result.mask.shape[1:]))
+
+    def to_latent(self, mask, latent_hw):
+        """[B, F', 4h, 4w] -> [B, F', H, W] (latent_hw: (F', H, W) or (H, W))."""
+        flat = super().to_latent(mask.flatten(0, 1), tuple(latent_hw)[-2:])
+        return flat.reshape(*mask.shape[:2], *flat.shape[1:])
+
+
 # Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
 # map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
 UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
                               "reliable start map (docs/instdiffedit.md, 'DiT models')"}
-_VIDEO = ("InstDiffEdit on video (video-to-video) is not built yet; KSampler (Record Attention) and "
-          "Attention Mask give per-frame word masks on Wan (docs/video.md)")
-UNSUPPORTED_DITS.update({"Wan": _VIDEO, "Wan VACE": _VIDEO})
-# Families whose prompt keeps too few tokens of no word for their mean to be a start map:
-# HunyuanImage 2.1 keeps one (<|im_end|>; ComfyUI cuts its template's prefix and it has no closing
-# turn), and one token's map fails under per-token noise (docs/instdiffedit.md, "HunyuanImage
-# 2.1"). Their start map is 1 - the text's share of each pixel's joint attention (recorded as joint
-# rows; the word maps are those rows renormalised over the text keys): where a word takes
-# attention, the text as a whole takes more. Measured on planted regions in the same doc section.
-TEXT_MASS_START = ("HunyuanImage",)
+# Families whose start map is 1 - the prompt's share of each pixel's joint attention (recorded as
+# joint rows; the word maps are those rows renormalised over the prompt's keys): where a word takes
+# attention, the prompt as a whole takes more, and what it leaves goes to tokens of no word.
+# - HunyuanImage 2.1 keeps one token of no word (<|im_end|>; ComfyUI cuts its template's prefix and
+#   it has no closing turn), and one token's map fails under per-token noise (docs/instdiffedit.md,
+#   "HunyuanImage 2.1").
+# - Wan: umT5's zeroed padding still becomes keys (505 copies of one key for a short prompt) that
+#   take the attention the words leave, and '</s>' alone picked the wrong word under per-token
+#   noise (docs/instdiffedit.md, "Wan video"; tests/benchmarks/measure_instdiffedit_wan.py).
+TEXT_MASS_START = ("HunyuanImage", "Wan", "Wan VACE")
 
 
-def _dit_capture(family_name, tokens, input_name, level=DIT_LEVEL):
-    if family_name in UNSUPPORTED_DITS:
-        raise TypeError(f"InstDiffEdit does not support {family_name} yet: {UNSUPPORTED_DITS[family_name]}. "
-                        "Use Flux (dev, schnell), Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 or an "
-                        "SD1.x / SD2.x / SDXL UNet.")
-    return DiTCapture(tokens, input_name, family_name, level)
+def _dit_capture(name, video, tokens, input_name, level=DIT_LEVEL):
+    if name in UNSUPPORTED_DITS:
+        raise TypeError(f"InstDiffEdit does not support {name} yet: {UNSUPPORTED_DITS[name]}. "
+                        "Use Flux (dev, schnell), Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1, "
+                        "Wan 2.1 / 2.2 (video) or an SD1.x / SD2.x / SDXL UNet.")
+    return (VideoDiTCapture if video else DiTCapture)(tokens, input_name, name, level)
 
 
 def capture_for(model, tokens):
-    """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT, else UNet's."""
+    """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT (VideoDiTCapture
+    for Wan), else UNet's."""
     family = dit_family(model)
-    return UNetCapture(tokens) if family is None else _dit_capture(family.name, tokens, "positive", family.level)
+    return UNetCapture(tokens) if family is None else _dit_capture(family.name, family.video, tokens, "positive",
+                                                                   family.level)
 
 
 def capture_for_maps(maps):
@@ -184,15 +214,11 @@ def capture_for_maps(maps):
     tokens = maps.require_tokens()
     if maps.family is None:
         return UNetCapture(tokens, "attention_maps")
-    capture = _dit_capture(maps.family, tokens, "attention_maps", maps.level)
+    capture = _dit_capture(maps.family, maps.frames is not None, tokens, "attention_maps", maps.level)
     if maps.normalise != capture.normalise:  # the start map and thresholds were measured on these rows
-        if capture.normalise == "text":
-            raise ValueError(
-                f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
-                "InstDiffEdit reads the rows renormalised over the text keys. Set 'normalisation' to "
-                "'text keys only' (the default) in KSampler (Record Attention).")
+        wanted = {"text": "'text keys only' (the default)", "joint": "'joint (all keys)'"}[capture.normalise]
         raise ValueError(
             f"these {maps.family} attention maps were recorded with normalisation '{maps.normalise}'; "
-            f"InstDiffEdit on {maps.family} reads the joint rows (its start map is 1 - the text's share). "
-            "Set 'normalisation' to 'joint (all keys)' in KSampler (Record Attention).")
+            f"InstDiffEdit on {maps.family} reads the rows {DESCRIBED[capture.normalise]}. Set 'normalisation' "
+            f"to {wanted} in KSampler (Record Attention).")
     return capture

@@ -192,11 +192,13 @@ def expected_masks(region, scale):
 
 
 def annotated(words_at=WORD):
-    """PromptTokens with 'cat' at the planted column (the recorder needs words for the nodes)."""
+    """umT5 PromptTokens (as Attention Text Encode gives them on Wan) with 'cat' at the planted
+    column (the recorder needs words for the nodes)."""
     strings = [f"w{i}" for i in range(N_REAL - 1)] + ["<end>"] + ["<pad>"] * (wan_host.TEXT_LEN - N_REAL)
     words = [tokens_mod.Word("cat" if i == words_at else f"w{i}", (i,)) for i in range(N_REAL - 1)]
-    return tokens_mod.PromptTokens(text=" ".join(w.text for w in words), token_strings=strings, words=words,
-                                   end_positions=(N_REAL - 1,))
+    return pack_module("attention.text_encoders.mapping").EncoderPromptTokens(
+        text=" ".join(w.text for w in words), token_strings=strings, words=words, end_positions=(N_REAL - 1,),
+        encoder="wan", parts=(("umT5-XXL", 0, len(strings)),))
 
 
 PLANT_SEEDS = (0, 1, 2)
@@ -263,12 +265,6 @@ def test_bad_frame_counts_are_clear_errors():
     # (a 4-D latent is one frame to ComfyUI: comfy.sample.fix_empty_latent_channels adds the axis)
     with pytest.raises(ValueError, match=r"3 dimensions .* takes video latents \[batch, channels, frames"):
         recording(model, positive, negative, {"samples": torch.ones(16, 4, 6)}, steps=1)
-
-
-def test_other_methods_refuse_wan_clearly():
-    instdiffedit = pack_module("samplers.instdiffedit_capture")
-    with pytest.raises(TypeError, match="InstDiffEdit does not support Wan yet: InstDiffEdit on video"):
-        instdiffedit.capture_for(wan_host.model("wan21"), annotated())
 
 
 # ------------------------------------------------------------- umT5 words end to end

@@ -12,7 +12,8 @@ from ae_testlib.pack import PACK_ROOT
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 # workflows for DiT models use loader nodes (and options) that only hosts with DiT models have
 DIT_WORKFLOWS = {"flux_record_attention.json", "qwen_image_record_attention.json", "instdiffedit_flux.json",
-                 "foi_flux_kontext.json", "foi_qwen_image_edit.json", "flux2_record_attention.json"}
+                 "foi_flux_kontext.json", "foi_qwen_image_edit.json", "flux2_record_attention.json",
+                 "wan_record_attention.json", "instdiffedit_wan22.json", "wan_vace_word_mask_inpaint.json"}
 DIT_WORKFLOWS |= {"hunyuan_image_record_attention.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}

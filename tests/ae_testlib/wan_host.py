@@ -27,10 +27,13 @@ def require_wan_host():
 FULL_1_3B = (1536, 8960)  # Wan 2.1 T2V 1.3B's dim and ffn_dim (benchmarks: one full-width block)
 
 
-def _skeleton(variant, size="tiny"):
+REAL_DEPTH = 30  # Wan 2.1 1.3B and 2.2 5B blocks (14B: 40)
+
+
+def _skeleton(variant, size="tiny", depth=None):
     channels = 48 if variant == "wan22_5b" else 16  # 2.2 5B: 48-channel latent in and out
     in_dim = {"wan21_i2v": 36}.get(variant, channels)  # I2V: + 4 mask + 16 image channels
-    (dim, ffn), depth = (FULL_1_3B, 1) if size == "full" else ((DIM, 2 * DIM), DEPTH)
+    (dim, ffn), depth = (FULL_1_3B, 1) if size == "full" else ((DIM, 2 * DIM), depth or DEPTH)
     keys = {"head.modulation": (1, 2, dim), "head.head.weight": (channels * 4, dim),
             "patch_embedding.weight": (dim, in_dim, 1, 2, 2),
             **{f"blocks.{i}.ffn.0.weight": (ffn, dim) for i in range(depth)}}
@@ -44,26 +47,27 @@ def _skeleton(variant, size="tiny"):
     return keys
 
 
-def detected_config(variant, size="tiny"):
+def detected_config(variant, size="tiny", depth=None):
     """size "full": one full-width Wan 1.3B block (12 heads of 128, umT5's 4096 channels, as
     detection and the model's defaults give them); "tiny": 2 heads, 32 text channels."""
     import comfy.model_detection
 
-    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(variant, size).items()}
+    skeleton = {key: torch.empty(shape, device="meta") for key, shape in _skeleton(variant, size, depth).items()}
     config = comfy.model_detection.detect_unet_config(skeleton, "")
     if size != "full":
         config.update(num_heads=2, text_dim=CONTEXT_DIM)
     return config
 
 
-def build(variant, seed=0, size="tiny"):
+def build(variant, seed=0, size="tiny", depth=None):
     """A ModelPatcher around a random-weight Wan model of `variant` (one of VARIANTS), built by the
-    supported_models class ComfyUI picks for the detected config."""
+    supported_models class ComfyUI picks for the detected config. depth: blocks (default DEPTH;
+    REAL_DEPTH for the released block count, so the default recorded blocks are the real ones)."""
     require_wan_host()
     import comfy.model_detection
     import comfy.model_patcher
 
-    config = detected_config(variant, size)
+    config = detected_config(variant, size, depth)
     model_config = comfy.model_detection.model_config_from_unet_config(config)
     if model_config is None:
         raise RuntimeError(f"no supported_models class matches the detected {variant} config {config}")
@@ -75,9 +79,9 @@ def build(variant, seed=0, size="tiny"):
 
 
 @functools.lru_cache(maxsize=None)
-def model(variant, seed=0):
+def model(variant, seed=0, depth=None):
     """Cached tiny model; tests patch clones only."""
-    return build(variant, seed)
+    return build(variant, seed, depth=depth)
 
 
 def latent(variant, batch=1, frames=3, height=6, width=10):
@@ -124,12 +128,15 @@ def decoded_shape(variant, latent_frames, height, width):
     return tuple(out.shape[2:])
 
 
-def plant(model, region, token_columns, beta=8.0):
+def plant(model, region, token_columns, beta=8.0, noise=0.0, noise_seed=0, n_real=None):
     """A clone of a Wan ModelPatcher whose text cross-attention calls get `beta` added to the
     logits [video token in region, prompt token in token_columns] of the positive prompt's rows
     (dit_plant's mechanism: an APPLY_MODEL wrapper puts a planting override in front of whatever
     override is there, the method's included). region: [F', H', W'] or [B, F', H', W'] bool on the
-    token grid, frame-major like Wan's tokens; it may move from frame to frame."""
+    token grid, frame-major like Wan's tokens; it may move from frame to frame.
+    noise > 0 adds a fixed random logit (std `noise`, seeded) to every (video token, text key) pair
+    of those rows, as real attention varies per token: one value per real key (the first `n_real`),
+    one shared by all zeroed padding keys (they are one and the same key vector in a real model)."""
     import comfy.patcher_extension
 
     from . import dit_plant
@@ -150,7 +157,14 @@ def plant(model, region, token_columns, beta=8.0):
             values = (grid.reshape(batch, -1).to(dtype) * beta * positive[:, None].to(dtype)).to(device)
             for column in columns:
                 bias[:, 0, :, column] = values
-            return bias, None  # (bias, noise): dit_plant's override takes both
+            if not noise:
+                return bias, None  # (bias, noise): dit_plant's override takes both
+            generator = torch.Generator().manual_seed(noise_seed)
+            real = k_len if n_real is None else n_real
+            pattern = torch.randn(per_chunk, q_len, real + 1, generator=generator) * noise
+            pattern = torch.cat([pattern[..., :real], pattern[..., real:].expand(-1, -1, k_len - real)], -1)
+            noisy = pattern.repeat(len(chunks), 1, 1).to(dtype) * positive[:, None, None].to(dtype)
+            return bias, noisy[:, None].to(device)
 
         options = dict(transformer_options)
         options["optimized_attention_override"] = dit_plant._PlantingOverride(

@@ -22,7 +22,7 @@ CACHE = pathlib.Path(os.environ.get("ATTENTION_EDIT_E2E_CACHE",
                                     pathlib.Path.home() / ".cache" / "attention-edit" / "e2e"))
 DTYPE = torch.float16
 # a widget value naming a file the server must have (model, LoRA, input image)
-FILE_VALUE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|sft|gguf|png|jpe?g|webp)$", re.IGNORECASE)
+FILE_VALUE = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|sft|gguf|png|jpe?g|webp|mp4)$", re.IGNORECASE)
 INPUT_SIZE = (128, 128)  # (width, height) of the Load Image input
 
 
@@ -165,6 +165,25 @@ def save(state_dict, path):
     os.replace(tmp, path)
 
 
+def input_video(path, frames=17):
+    """The Load Video input (Wan workflows): 1 + 4k frames of a moving colour pattern, MPEG-4 in mp4."""
+    import av
+    import numpy as np
+
+    width, height = INPUT_SIZE
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=16)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            rgb = np.stack([(x + 4 * t) % width / width, y / height, 0.5 + 0.5 * np.sin((x + 4 * t) / 9.0)], axis=-1)
+            frame = av.VideoFrame.from_ndarray((rgb * 255).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 # file name -> (ComfyUI folder it goes in, builder(path))
 BUILDERS = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", sd15_checkpoint(4)),
@@ -173,6 +192,7 @@ BUILDERS = {
     "control_v11f1e_sd15_tile_fp16.safetensors": ("controlnet", controlnet),
     "your_sd15_lora.safetensors": ("loras", kohya_lora),
     "example.png": ("input", input_image),
+    "example.mp4": ("input", input_video),
 }
 
 
@@ -189,6 +209,7 @@ TOO_LARGE = {
     # Flux.2 [dev] (ComfyUI's template): a 32 B diffusion model and the Mistral-Small-3.1 24 B text encoder
     "flux2_dev_fp8mixed.safetensors": "the Flux.2 [dev] diffusion model (32 B parameters)",
     "mistral_3_small_flux2_bf16.safetensors": "a full Mistral-Small-3.1 text encoder (24 B parameters, 40 layers)",
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": "a full umT5-XXL text encoder (Wan; 5.7 B parameters, 24 fixed blocks)",
 }
 
 
