@@ -386,7 +386,7 @@ def test_errors_name_the_fix():
         foi_dit.foi_dit_guider(dit_host.model("flux"), bare, negative)
     with pytest.raises(ValueError, match="alpha has 2 values but the instruction has 1"):
         foi_dit.foi_dit_guider(dit_host.model("flux"), positive, negative, foi_dit.FoIDiTConfig(alphas=[1.0, 0.5]))
-    with pytest.raises(TypeError, match="supports Flux Kontext and Qwen-Image-Edit"):
+    with pytest.raises(TypeError, match="supports Flux Kontext, Flux.2 and Qwen-Image-Edit"):
         foi_dit.foi_dit_guider(dit_host.model("sd3"), positive, negative)
     with pytest.raises(ValueError, match="carries no FoI sub-instructions"):
         foi_dit.foi_dit_guider(dit_host.model("flux"), dit_host.conditioning(N_TOKENS), negative)
