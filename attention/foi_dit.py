@@ -345,8 +345,8 @@ def install_foi_dit(model_clone, state):
 
     family = require_family(model_clone)
     if family.refuses("FoI"):
-        raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux Kontext, Qwen-Image-Edit and SD1.x / SD2.x / "
-                        "SDXL InstructPix2Pix UNets.")
+        raise TypeError(f"{family.refuses('FoI')}. FoI runs on Flux Kontext, Flux.2, Qwen-Image-Edit and SD1.x / "
+                        "SD2.x / SDXL InstructPix2Pix UNets.")
     diffusion_model = model_clone.model.diffusion_model
     state.patch = family.spatial_patch
     state.mask_blocks = parse_blocks(state.mask_blocks_spec, family, diffusion_model, "mask_blocks")

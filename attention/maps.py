@@ -16,13 +16,13 @@ class AttentionMaps:
     probs: torch.Tensor  # [batch, h, w, tokens] ([batch, frames, h, w, tokens] for video): mean over
     # recorded layers, heads and steps
     tokens: object  # PromptTokens of the prompt whose attention this is, or None
-    latent_hw: tuple  # latent (H, W); the image is 8x that
+    latent_hw: tuple  # latent (H, W); the image is pixel_scale x that
     level: int  # maps are latent / 2**level
     no_words: Optional[str] = None  # why `tokens` is None (tokens.no_words_reason), for the errors
     family: Optional[str] = None  # the DiT family recorded (families.Family.name); None: a UNet
     normalise: Optional[str] = None  # DiT maps: "text" or "joint" rows (DiTRecorder); None: a UNet
     frames: Optional[int] = None  # video (Wan): latent frames, probs' frame axis; None: images
-    pixel_scale: int = 8  # pixels per latent cell: 8, Wan 2.2 5B's VAE 16
+    pixel_scale: int = 8  # pixels per latent cell: 8; Flux.2, Wan 2.2 5B 16; HunyuanImage 2.1 32
     count: int = 0  # how many (call, chunk) maps the mean holds: a later sampler continues it
 
     def __post_init__(self):

@@ -55,9 +55,10 @@ def branch_input():
 
 def dit_blocks_input():
     return ("STRING", {"default": "", "tooltip":
-            "DiT models only (Flux, Chroma, SD3, Qwen-Image, Z-Image, Wan): which blocks to record. Empty: the "
-            "late double/joint blocks (Flux 15-18 of 19, SD3 19-22 of 24, Qwen-Image 47-57 of 60, Z-Image 24-28 "
-            "of 30, Wan 24-28 of 30 / 32-38 of 40). Else e.g. "
+            "DiT models only (Flux, Flux.2, Chroma, SD3, Qwen-Image, Z-Image, HunyuanImage, Wan): which blocks to "
+            "record. Empty: the late double/joint blocks (Flux 15-18 of 19, Flux.2 [dev] 6-7 of 8, SD3 19-22 of "
+            "24, Qwen-Image 47-57 of 60, Z-Image 24-28 of 30, HunyuanImage 16-19 of 20, Wan 24-28 of 30 / 32-38 "
+            "of 40). Else e.g. "
             "'15-18', 'double 3, single 0-9', 'all'. UNet models use resolution and layers instead."})
 
 

@@ -46,7 +46,7 @@ class AttentionTextEncode:
     DESCRIPTION = ("Encodes a prompt like CLIP Text Encode and records which token positions each "
                    "word occupies, so attention_edit nodes can find words in the attention maps. "
                    "Works with the CLIP encoders of SD1.x/SD2.x/SDXL and the text encoders of Flux, "
-                   "Flux Kontext, Chroma, SD3/SD3.5, Qwen-Image, HunyuanImage 2.1 and Wan.")
+                   "Flux Kontext, Flux.2, Chroma, SD3/SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1 and Wan.")
 
     def run(self, clip, text):
         tokens = prompt_tokens(clip, text)  # first: an unsupported encoder fails before encoding

@@ -1,5 +1,5 @@
 """FoI nodes: Instruction Text Encode (+ its Qwen-Image-Edit form), FoI Sampler, FoI Guider, and
-their DiT forms for Flux Kontext and Qwen-Image-Edit."""
+their DiT forms for Flux Kontext, Flux.2 and Qwen-Image-Edit."""
 import torch
 
 from ..attention.instructions import annotate_instructions, instructions_from_tokens, parse_instructions
@@ -306,7 +306,7 @@ class FoIDiTSampler:
     RETURN_NAMES = ("latent", "keyword_masks", "mask_preview")
     FUNCTION = "run"
     CATEGORY = FOI_CATEGORY
-    DESCRIPTION = ("FoI (Focus on Your Instruction, CVPR 2024) on Flux Kontext and Qwen-Image-Edit: each "
+    DESCRIPTION = ("FoI (Focus on Your Instruction, CVPR 2024) on Flux Kontext, Flux.2 and Qwen-Image-Edit: each "
                    "sub-instruction acts inside the region its keyword attends to at the first step. Outputs "
                    "the edited latent, one mask per keyword (per image), and a preview of the masks.")
 
@@ -338,7 +338,7 @@ class FoIDiTGuiderNode:
     RETURN_TYPES = ("GUIDER",)
     FUNCTION = "run"
     CATEGORY = FOI_CATEGORY
-    DESCRIPTION = ("FoI on Flux Kontext / Qwen-Image-Edit as a GUIDER for SamplerCustomAdvanced; the masks are "
+    DESCRIPTION = ("FoI on Flux Kontext / Flux.2 / Qwen-Image-Edit as a GUIDER for SamplerCustomAdvanced; the masks are "
                    "made at the first step.")
 
     def run(self, model, positive, negative, text_cfg, image_cfg, gamma, tau, blur_kernel, blur_sigma,

@@ -126,8 +126,9 @@ class InstDiffEditMask:
             "attention_maps": ("ATTENTION_MAPS", {"tooltip":
                                "Maps from KSampler (Record Attention) with the prompt encoded by "
                                "Attention Text Encode: UNets at resolution 1/4; DiT models (Flux, "
-                               "SD3, Qwen-Image, Wan video) with any dit_blocks; Wan with normalisation "
-                               "'joint (all keys)' (one mask per decoded frame)."}),
+                               "Flux.2, SD3, Qwen-Image, Z-Image, HunyuanImage 2.1, Wan video) with any "
+                               "dit_blocks; HunyuanImage and Wan with normalisation 'joint (all keys)' "
+                               "(Wan: one mask per decoded frame)."}),
             **_threshold_inputs(),
         }}
 

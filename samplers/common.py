@@ -33,8 +33,8 @@ def refuse_dit(model, method):
         name = family.name if family is not None else type(diffusion_model).__name__
         raise TypeError(
             f"{method} does not support {name} (a DiT model) yet: it works on SD1.x, SD2.x and "
-            "SDXL UNets. On DiT models use InstDiffEdit (Flux, SD3, Qwen-Image) or FoI "
-            "(Qwen-Image-Edit, Flux Kontext), or load a UNet checkpoint for this node.")
+            "SDXL UNets. On DiT models use InstDiffEdit (Flux, Flux.2, SD3, Qwen-Image, Z-Image, HunyuanImage "
+            "2.1, Wan video) or FoI (Qwen-Image-Edit, Flux Kontext, Flux.2), or load a UNet checkpoint for this node.")
 
 
 def latent_broadcast(mask, like):

@@ -103,7 +103,7 @@ def require_ip2p(model_patcher):
         name = family.name if family is not None else type(unet).__name__
         raise ValueError(
             f"FoI Sampler / FoI Guider take InstructPix2Pix UNets; this model is {name} (a DiT). "
-            "For Flux Kontext and Qwen-Image-Edit use 'FoI Sampler (Kontext / Qwen-Image-Edit)' or "
+            "For Flux Kontext, Flux.2 and Qwen-Image-Edit use 'FoI Sampler (Kontext / Qwen-Image-Edit)' or "
             "'FoI Guider (Kontext / Qwen-Image-Edit)' with 'Instruction Text Encode' (+ ReferenceLatent) "
             "or 'Instruction Text Encode (Qwen-Image-Edit)'.")
     channels = getattr(unet, "in_channels", "?")

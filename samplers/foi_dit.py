@@ -56,20 +56,22 @@ FLUX2 = EditModel("Flux.2", 1.0, "ReferenceLatent (and FluxGuidance 4)")
 QWEN_EDIT = EditModel("Qwen-Image-Edit", 2.5, "Instruction Text Encode (Qwen-Image-Edit) with vae and image")
 
 
+# the DiT family -> how FoI edits with it (the family's own refuses("FoI") is checked first)
+EDIT_MODELS = {"Flux": KONTEXT, "Flux.2": FLUX2, "Qwen-Image": QWEN_EDIT}
+
+
 def edit_model(model_patcher):
     """EditModel of a ModelPatcher, or a clear error for other models."""
     family = dit_family(model_patcher)
     name = getattr(family, "name", None)
-    if name == "Flux":
-        return KONTEXT
-    if name == "Flux.2":
-        return FLUX2
-    if name == "Qwen-Image":
-        return QWEN_EDIT
+    reason = family.refuses("FoI") if family is not None else None
+    if name in EDIT_MODELS and reason is None:
+        return EDIT_MODELS[name]
     kind = type(model_patcher.model.diffusion_model).__name__
     raise TypeError(
-        f"FoI for DiT models supports Flux Kontext, Flux.2 and Qwen-Image-Edit; this model is {kind}"
-        f"{' (' + name + ')' if name else ''}. For InstructPix2Pix UNets use FoI Sampler / FoI Guider.")
+        f"{reason + '. ' if reason else ''}FoI for DiT models supports Flux Kontext, Flux.2 and Qwen-Image-Edit; "
+        f"this model is {kind}{' (' + name + ')' if name else ''}. For InstructPix2Pix UNets use FoI Sampler / "
+        "FoI Guider.")
 
 
 @dataclass

@@ -111,7 +111,7 @@ def check_grid(grid, latent_hw, input_name="source"):
     if min(grid) < 2:
         h, w = latent_hw
         raise ValueError(
-            f"the '{input_name}' latent is {h}x{w} ({8 * h}x{8 * w} px), so the attention maps "
+            f"the '{input_name}' latent is {h}x{w}, so the attention maps "
             f"are only {grid[0]}x{grid[1]}; InstDiffEdit needs at least 2x2. Use an image of "
             "at least 40x40 px (512x512 for SD1.x, 1024x1024 for SDXL and DiT models work best).")
 

@@ -7,25 +7,27 @@ onto the latent (docs/instdiffedit.md, "DiT models", has the measurements behind
 
 - UNet (the official setting): cross-attention of the 1/4-size layers (down + up), the start token
   is column 0, and 4x the 1/4 grid is the latent (cropped where the grid rounded up).
-- DiT (Flux, SD3 / SD3.5, Qwen-Image; Chroma is refused, see UNSUPPORTED_DITS): the joint
+- DiT (Flux, Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image; Chroma is refused, Family.refuses): the joint
   attention's image -> text rows of the late double / joint blocks (families.default_blocks,
   the Record Attention default) at the token grid, latent / 2. The start map is the mean over the
-  tokens that belong to **no word**: T5's </s> and padding (Flux), Qwen's closing template, and
-  on SD3 CLIP's start, end and padding tokens with T5's end and padding. Like CLIP's start
+  tokens that belong to **no word**: T5's </s> and padding (Flux), Qwen's closing template, the
+  Mistral / Qwen3 chat templates (Flux.2, Z-Image), and on SD3 CLIP's start, end and padding tokens with T5's end and padding. Like CLIP's start
   token they carry no word and collect the attention the words leave, so 1 - their map marks
   the foreground; averaged over many tokens, one token's noise does not pick the word (SD3's
   single start-token column did: docs/instdiffedit.md measures both). The maps are enlarged 4x as the official code
   does (the blur then spans the same half map cell), which is 2x the latent; a latent pixel is
-  edited when at least half of its 2 x 2 mask pixels are.
-- HunyuanImage 2.1 (TEXT_MASS_START): its prompt keeps a single token of no word, so the start map
-  is 1 - the text's share of the joint row; its token grid is the latent (patch 1), so the 4x mask
-  is 4x the latent, reduced by area the same way.
+  edited when at least half of its 2 x 2 mask pixels are. Flux.2's token grid is the latent
+  (patch 1): the 4x mask is 4x the latent, reduced by area the same way (4 x 4 pixels).
+- HunyuanImage 2.1 and Wan (Family.start_map "text_mass"): HunyuanImage's prompt keeps a single token of no word,
+  Wan's umT5 '</s>' and zeroed padding keys, so the start map is 1 - the prompt's share of the
+  joint row. HunyuanImage's grid is the latent (patch 1); Wan runs the refinement per latent frame
+  (VideoDiTCapture).
 """
 import logging
 
 import torch
 
-from ..attention.families import dit_family
+from ..attention.families import BY_NAME, dit_family
 from ..attention.dit_recorder import DiTRecorder
 from ..attention.recorder import AttentionRecorder
 from ..masks import instdiffedit as idm
@@ -35,7 +37,6 @@ log = logging.getLogger("attention_edit")
 
 UNET_LEVEL = 2  # 1/4 of the latent: 16x16 at 512 px on SD1.x, as the official res = 16
 UNET_PARTS = ("input", "output")  # official from_where = ("up", "down"); the middle block is 8x8
-DIT_LEVEL = 1  # every supported DiT attends at its token grid, latent / 2
 
 
 def word_groups(tokens, input_name="positive"):
@@ -90,16 +91,13 @@ class DiTCapture(UNetCapture):
     """Joint attention of a DiT: an end-token start map, the mask reduced from 4x the token grid
     (2x the latent at patch 2; Flux.2's patch 1: 4x the latent)."""
 
-    level = DIT_LEVEL
-    normalise = "text"  # the recorded rows the start map was measured on
-
-    def __init__(self, tokens, input_name="positive", family_name=None, level=DIT_LEVEL):
+    def __init__(self, tokens, family, input_name="positive"):
         super().__init__(tokens, input_name)
-        self.level = level  # the family's token grid: latent / 2 (patch 2), the latent (HunyuanImage)
-        self.text_mass = family_name in TEXT_MASS_START
+        self.level = family.level  # the family's token grid: latent / 2 (patch 2), the latent (patch 1)
+        self.text_mass = family.start_map == "text_mass"
         self.normalise = "joint" if self.text_mass else "text"  # the rows the recorder keeps
         self.start_columns = None if self.text_mass else start_columns(tokens)
-        if family_name in PADDED_DITS:
+        if family.padded_prompt:
             warn_if_padding_runs_short(tokens, self.start_columns)
 
     def recorder(self, n_tokens):
@@ -135,13 +133,13 @@ def start_columns(tokens):
     return free
 
 
-# Families whose prompt is padded to a fixed length (Flux's T5 to 256 tokens, SD3's parts to 77),
+# Families whose prompt is padded to a fixed length (Family.padded_prompt: Flux's T5 to 256 tokens, SD3's
+# parts to 77),
 # so a longer prompt leaves fewer end / padding tokens for the start map. Measured on Flux
 # (docs/instdiffedit.md, "Long prompts"): the word pick holds while those tokens outnumber the
 # prompt's word tokens (115 words: 132 vs 124) and fails at +4 logits once they do not (125 words:
 # 122 vs 134, IoU 0.01). The start map's share of the attention then varies from pixel to pixel
 # with how much the words as a whole take, which one word's region no longer outweighs.
-PADDED_DITS = ("Flux", "SD3")
 
 
 def warn_if_padding_runs_short(tokens, start):
@@ -160,7 +158,7 @@ class VideoDiTCapture(DiTCapture):
     the recorder's video maps) are refined as B x F' images, so every latent frame gets the whole
     InstDiffEdit refinement of its own (start-map similarity, word pick and P, frozen at the first
     step per frame, blur, threshold); masks are [B, F', H, W] at latent size. The start map is the
-    text-mass one (TEXT_MASS_START: 1 - the prompt keys' share of the model's own rows over all 512
+    text-mass one (Family.start_map: 1 - the prompt keys' share of the model's own rows over all 512
     umT5 keys, i.e. the zeroed padding's share), measured against '</s>', the tokens of no word and
     column 0 in docs/instdiffedit.md "Wan video"."""
 
@@ -177,36 +175,20 @@ class VideoDiTCapture(DiTCapture):
         return flat.reshape(*mask.shape[:2], *flat.shape[1:])
 
 
-# Chroma's T5 prompt ends in a single </s> (no padding): that one token's map is too noisy a start
-# map (docs/instdiffedit.md measures it), so InstDiffEdit refuses Chroma rather than guess a mask.
-UNSUPPORTED_DITS = {"Chroma": "its T5 prompt has a single end token and no padding, which gives no "
-                              "reliable start map (docs/instdiffedit.md, 'DiT models')"}
-# Families whose start map is 1 - the prompt's share of each pixel's joint attention (recorded as
-# joint rows; the word maps are those rows renormalised over the prompt's keys): where a word takes
-# attention, the prompt as a whole takes more, and what it leaves goes to tokens of no word.
-# - HunyuanImage 2.1 keeps one token of no word (<|im_end|>; ComfyUI cuts its template's prefix and
-#   it has no closing turn), and one token's map fails under per-token noise (docs/instdiffedit.md,
-#   "HunyuanImage 2.1").
-# - Wan: umT5's zeroed padding still becomes keys (505 copies of one key for a short prompt) that
-#   take the attention the words leave, and '</s>' alone picked the wrong word under per-token
-#   noise (docs/instdiffedit.md, "Wan video"; tests/benchmarks/measure_instdiffedit_wan.py).
-TEXT_MASS_START = ("HunyuanImage", "Wan", "Wan VACE")
-
-
-def _dit_capture(name, video, tokens, input_name, level=DIT_LEVEL):
-    if name in UNSUPPORTED_DITS:
-        raise TypeError(f"InstDiffEdit does not support {name} yet: {UNSUPPORTED_DITS[name]}. "
-                        "Use Flux (dev, schnell), Flux.2, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1, "
-                        "Wan 2.1 / 2.2 (video) or an SD1.x / SD2.x / SDXL UNet.")
-    return (VideoDiTCapture if video else DiTCapture)(tokens, input_name, name, level)
+def _dit_capture(family, tokens, input_name):
+    reason = family.refuses("InstDiffEdit")
+    if reason:
+        raise TypeError(f"InstDiffEdit does not support {family.name} yet: {reason}. Use Flux (dev, schnell), Flux.2, "
+                        "SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanImage 2.1, Wan 2.1 / 2.2 (video) or an SD1.x / "
+                        "SD2.x / SDXL UNet.")
+    return (VideoDiTCapture if family.video else DiTCapture)(tokens, family, input_name)
 
 
 def capture_for(model, tokens):
     """The adapter for this model (a ModelPatcher): DiTCapture for a supported DiT (VideoDiTCapture
     for Wan), else UNet's."""
     family = dit_family(model)
-    return UNetCapture(tokens) if family is None else _dit_capture(family.name, family.video, tokens, "positive",
-                                                                   family.level)
+    return UNetCapture(tokens) if family is None else _dit_capture(family, tokens, "positive")
 
 
 def capture_for_maps(maps):
@@ -214,7 +196,7 @@ def capture_for_maps(maps):
     tokens = maps.require_tokens()
     if maps.family is None:
         return UNetCapture(tokens, "attention_maps")
-    capture = _dit_capture(maps.family, maps.frames is not None, tokens, "attention_maps", maps.level)
+    capture = _dit_capture(BY_NAME[maps.family], tokens, "attention_maps")
     if maps.normalise != capture.normalise:  # the start map and thresholds were measured on these rows
         wanted = {"text": "'text keys only' (the default)", "joint": "'joint (all keys)'"}[capture.normalise]
         raise ValueError(

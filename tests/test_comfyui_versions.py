@@ -435,3 +435,17 @@ def test_empty_latent_image_samples_as_core_ksampler(family):
         ours = {"samples": ours}
     assert torch.equal(ours["samples"], theirs["samples"])
     assert set(ours) == set(theirs)
+
+
+def test_lumina2_in_z_images_class_is_refused_on_every_host():
+    """Lumina Image 2.0 runs in NextDiT, Z-Image's class: refused by name on every host, also on
+    0.3.64, which has Lumina 2.0 but no supported_models.ZImage (added in 0.3.75)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    config = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_heads=2, n_kv_heads=2, n_layers=1,
+                  axes_dims=[8, 12, 12], cap_feat_dim=dit_host.CONTEXT_DIM, qk_norm=True)
+    lumina = comfy.model_patcher.ModelPatcher(sm.Lumina2(config).get_model({}), torch.device("cpu"), torch.device("cpu"))
+    assert families.family_of(lumina) is None
+    with pytest.raises(TypeError, match=r"Lumina Image 2.0.*Z-Image / Z-Image Turbo only"):
+        families.require_family(lumina)

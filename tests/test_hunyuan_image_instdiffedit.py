@@ -96,5 +96,5 @@ def test_mask_from_recorded_maps_needs_joint_rows(tokens):
     with torch.inference_mode():
         _, text_maps = record.sample_recording(model, 1, 2, 1.0, "euler", "normal", positive, negative,
                                                {"samples": torch.zeros(2, 64, *GRID)})
-    with pytest.raises(ValueError, match="joint rows.*'joint \\(all keys\\)'"):
+    with pytest.raises(ValueError, match="over all keys.*'joint \\(all keys\\)'"):
         ide.mask_from_maps(text_maps)

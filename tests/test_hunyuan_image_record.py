@@ -225,7 +225,8 @@ def test_planted_glyph_word_found_in_the_byt5_tokens():
 
 
 def test_foi_refuses_hunyuan_image_clearly():
-    """FoI edits with Flux Kontext / Qwen-Image-Edit: HunyuanImage 2.1 is no editing model."""
+    """FoI edits with Flux Kontext / Flux.2 / Qwen-Image-Edit: HunyuanImage 2.1 is no editing model."""
     foi = pack_module("samplers.foi_dit")
-    with pytest.raises(TypeError, match="FoI for DiT models supports Flux Kontext and Qwen-Image-Edit.*HunyuanImage"):
+    with pytest.raises(TypeError, match="not an instruction-editing model. FoI for DiT models supports Flux Kontext, Flux.2 and "
+                       "Qwen-Image-Edit.*HunyuanImage"):
         foi.edit_model(dit_host.model(FAMILY))

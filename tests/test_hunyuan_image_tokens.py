@@ -92,3 +92,18 @@ def test_a_long_prompt_keeps_every_word(clip):
     cond, options = ours[0]
     assert tokens.n_tokens == cond.shape[1] + options["conditioning_byt5small"].shape[1]
     assert tokens.positions("word399") and max(tokens.positions("ONE")) == tokens.n_tokens - 5  # then '". ' and </s>
+
+
+def test_an_encoder_without_byt5_has_no_glyph_part():
+    """The single CLIPLoader (type hunyuan_image) builds the encoder without byT5: quoted text then
+    has no byT5 cond and no glyph positions, and Attention Text Encode still equals CLIP Text Encode."""
+    import nodes as comfy_nodes
+
+    clip = dit_text.build_dit_clip("hunyuan_image_qwen_only")
+    text = 'a red sign that says "OPEN NOW" on a wall'
+    ours = encode.AttentionTextEncode().run(clip, text)[0]
+    _same_conditioning(ours, comfy_nodes.CLIPTextEncode().encode(clip, text)[0])
+    tokens = tokens_mod.annotation_of(ours)
+    assert "conditioning_byt5small" not in ours[0][1]
+    assert tokens.n_tokens == ours[0][0].shape[1] and [p[0] for p in tokens.parts] == ["Qwen2.5-VL"]
+    assert tokens.positions("NOW")

@@ -256,6 +256,9 @@ def test_foi_refuses_z_image_clearly():
     state = type("State", (), {"mask_blocks_spec": ""})()
     with pytest.raises(TypeError, match=r"FoI is not built for Z-Image yet.*FoI runs on Flux"):
         foi_dit.install_foi_dit(zimage().clone(), state)
+    # the FoI nodes' first check (samplers.foi_dit.edit_model) gives the family's reason too
+    with pytest.raises(TypeError, match=r"FoI is not built for Z-Image yet.*supports Flux Kontext, Flux.2"):
+        pack_module("samplers.foi_dit").edit_model(zimage())
 
 
 def test_attention_text_encode_words_on_z_image():

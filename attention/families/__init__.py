@@ -6,17 +6,22 @@ from . import flux, flux2, hunyuan_image, qwen_image, sd3, wan, z_image
 from .base import PATCH, Family, Layout, layout_of, token_grid  # noqa: F401  (the package's interface)
 from .blocks import default_blocks, parse_blocks  # noqa: F401
 
-MODULES = (flux, sd3, qwen_image, wan, flux2, z_image, hunyuan_image)  # a new family: its module here
 
-# the diffusion_model's exact class -> the families that run in it, tried in order (Family.accepts
-# tells them apart by structure: Flux.1 and Flux.2 share Flux's class). Exact, not isinstance:
-# subclasses with another token layout exist (Chroma Radiance patchifies pixels 16x16), and
-# AuraFlow's class is also "MMDiT".
-CANDIDATES = {}
-for _module in MODULES:
-    for _name, _family in _module.CLASSES.items():
-        CANDIDATES.setdefault(_name, []).append(_family)
+def _candidates(*modules):
+    """The diffusion_model's exact class -> the families that run in it, tried in order
+    (Family.accepts tells them apart by structure: Flux.1 and Flux.2 share Flux's class). Exact,
+    not isinstance: subclasses with another token layout exist (Chroma Radiance patchifies pixels
+    16x16), and AuraFlow's class is also "MMDiT"."""
+    found = {}
+    for module in modules:
+        for name, family in module.CLASSES.items():
+            found.setdefault(name, []).append(family)
+    return found
+
+
+CANDIDATES = _candidates(flux, sd3, qwen_image, wan, flux2, z_image, hunyuan_image)  # a new family: its module here
 FAMILIES = {name: found[0] for name, found in CANDIDATES.items()}  # each class's first family
+BY_NAME = {family.name: family for found in CANDIDATES.values() for family in found}  # maps name their family
 SUPPORTED = ("Flux (dev, schnell, Kontext), Flux.2 (dev, Klein), Chroma, SD3 / SD3.5, Qwen-Image (incl. Edit), "
              "Z-Image (Turbo), HunyuanImage 2.1 and Wan 2.1 / 2.2 video")
 
@@ -41,7 +46,7 @@ def require_family(model_patcher):
         diffusion_model = model_patcher.model.diffusion_model
         kind = type(diffusion_model)
         candidates = CANDIDATES.get(f"{kind.__module__}.{kind.__qualname__}", ())
-        refusals = [c.refusal(diffusion_model) for c in candidates if c.refusal(diffusion_model)]
+        refusals = [why for why in (c.refusal(diffusion_model) for c in candidates) if why]
         if refusals:  # family_of saw another model in a family's class (Lumina 2.0 in Z-Image's, HunyuanVideo)
             raise TypeError(f"attention recording, InstDiffEdit and FoI do not support this model: {refusals[0]}. "
                             f"They support SD1.x, SD2.x and SDXL UNets and the DiT models {SUPPORTED}.")

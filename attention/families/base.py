@@ -19,6 +19,11 @@ class Family:
     name: str
     double: str  # attribute holding the double / joint blocks
     single: str = None  # attribute holding Flux-style single blocks, if any
+    # InstDiffEdit's start map, measured per family (docs/instdiffedit.md): "no_word", the mean of
+    # the prompt's tokens of no word; "text_mass", 1 - the prompt's share of the model's joint row
+    start_map: str = "no_word"
+    padded_prompt: bool = False  # prompts padded to a fixed length (Flux's T5, SD3): long ones leave few pads
+    refusals: tuple = ()  # ((method, why it does not run here), ...): see refuses()
     patch = PATCH  # the diffusion model's patch_size for this token layout
     video = False  # maps have a frame axis (WanFamily)
     # how the running block is told apart: a patches_replace["dit"] BlockTag on each chosen block
@@ -36,8 +41,8 @@ class Family:
         return None
 
     def refuses(self, method):
-        """Why `method` ("FoI") does not run on this family yet, or None."""
-        return None
+        """Why `method` ("FoI", "InstDiffEdit") does not run on this family, or None."""
+        return dict(self.refusals).get(method)
 
     @property
     def spatial_patch(self):

@@ -13,9 +13,10 @@ keys (txt_in of zero is zero, then modulated and RoPE-rotated), so the model's o
 give them attention; like Wan's zeroed umT5 padding they are not the prompt, and "text" rows
 renormalise over the prompt's keys only (Layout.key_start).
 """
+import dataclasses
 from dataclasses import dataclass
 
-from .base import Family, Layout, token_grid
+from .base import Family, layout_of
 
 TEXT_LENGTH = 512  # model_base.Flux2's target_text_len
 
@@ -33,10 +34,10 @@ class Flux2Family(Family):
 
     patch = 1
 
-    def layout(self, x, context, diffusion_model, kwargs=None):
-        height, width = token_grid(x.shape[-2:], self.patch)
-        start = leading_zero_rows(context)
-        return Layout(start, context.shape[1], height * width, key_start=start)
+    def layout(self, x, context, diffusion_model, kwargs):
+        start = leading_zero_rows(context)  # the prompt's keys follow the zero left-padding
+        return dataclasses.replace(layout_of(x, context, diffusion_model, self.patch), prompt_start=start,
+                                   key_start=start)
 
     def pixel_scale(self, diffusion_model):
         return 16  # Flux.2's VAE: 8x, then 2x2 packed into the 128 channels

@@ -51,6 +51,12 @@ def image_first(diffusion_model):
     return bool(len(blocks) and getattr(blocks[0], "flipped_img_txt", False))
 
 
+# its prompt keeps a single token of no word (<|im_end|>; ComfyUI cuts the template's prefix and it
+# has no closing turn), whose map alone failed under per-token noise: InstDiffEdit's start map is
+# 1 - the text's share of the joint row (docs/instdiffedit.md, "HunyuanImage 2.1")
 CLASSES = {
-    "comfy.ldm.hunyuan_video.model.HunyuanVideo": HunyuanImageFamily("HunyuanImage", "double_blocks", "single_blocks"),
+    "comfy.ldm.hunyuan_video.model.HunyuanVideo": HunyuanImageFamily(
+        "HunyuanImage", "double_blocks", "single_blocks", start_map="text_mass",
+        # FoI's key slicing also assumes text keys first, which 0.3.64's order is not
+        refusals=(("FoI", "HunyuanImage 2.1 generates images from text; it is not an instruction-editing model"),)),
 }

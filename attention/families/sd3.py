@@ -4,5 +4,5 @@ from .base import Family
 
 # exact class: AuraFlow's diffusion model is also called "MMDiT", in another module
 CLASSES = {
-    "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks"),
+    "comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper": Family("SD3", "joint_blocks", padded_prompt=True),  # parts to 77
 }

@@ -46,7 +46,10 @@ class WanFamily(Family):
 # VACE's extra blocks (vace_blocks) run outside the blocks' patches_replace["dit"] calls, so they
 # are never inside a tagged block and never recorded. Wan 2.2 5B, 14B experts, I2V, Fun-Control
 # and Phantom run in WanModel.
+# InstDiffEdit's start map: umT5's zeroed padding still becomes keys (505 copies of one key for a
+# short prompt) that take the attention the words leave; '</s>' alone picked the wrong word under
+# per-token noise, the padding's share (1 - the prompt's) did not (docs/instdiffedit.md, "Wan video")
 CLASSES = {
-    "comfy.ldm.wan.model.WanModel": WanFamily("Wan", "blocks"),
-    "comfy.ldm.wan.model.VaceWanModel": WanFamily("Wan VACE", "blocks"),
+    "comfy.ldm.wan.model.WanModel": WanFamily("Wan", "blocks", start_map="text_mass"),
+    "comfy.ldm.wan.model.VaceWanModel": WanFamily("Wan VACE", "blocks", start_map="text_mass"),
 }

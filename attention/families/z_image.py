@@ -28,8 +28,9 @@ class ZImageFamily(Family):
         no caption padding), which the pack has no word positions for."""
         import comfy.supported_models
 
-        return (super().accepts(model_patcher)
-                and isinstance(model_patcher.model.model_config, comfy.supported_models.ZImage))
+        z_image = getattr(comfy.supported_models, "ZImage", None)  # ComfyUI 0.3.75+
+        return (z_image is not None and super().accepts(model_patcher)
+                and isinstance(model_patcher.model.model_config, z_image))
 
     def refusal(self, diffusion_model):
         return ("this is Lumina Image 2.0 / NewBie (Lumina2's NextDiT with a Gemma text encoder); in "
@@ -54,13 +55,9 @@ class ZImageFamily(Family):
         n_txt = n_ctx + (-n_ctx) % multiple if multiple else n_ctx
         return Layout(0, n_txt, height * width, n_real=n_ctx)
 
-    def refuses(self, method):
-        if method == "FoI":
-            return ("FoI is not built for Z-Image yet (its blocks have no patches_replace['dit'] hook, "
-                    "which FoI's masked attention needs)")
-        return None
-
 
 CLASSES = {
-    "comfy.ldm.lumina.model.NextDiT": ZImageFamily("Z-Image", "layers"),
+    "comfy.ldm.lumina.model.NextDiT": ZImageFamily(
+        "Z-Image", "layers", refusals=(("FoI", "FoI is not built for Z-Image yet (its blocks have no "
+                                               "patches_replace['dit'] hook, which FoI's masked attention needs)"),)),
 }

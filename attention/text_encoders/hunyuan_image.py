@@ -70,7 +70,10 @@ def hunyuan_prompt_tokens(clip, text):
     encoder = HUNYUAN_IMAGE.name
     qwen = qwen_prompt_tokens(clip, text, encoder=HUNYUAN_IMAGE, template_end=_hunyuan_template_end)
     n_qwen = len(qwen.token_strings)
-    strings, words, ends = _byt5_part(clip, text, n_qwen, encoder)
+    # the single CLIPLoader builds the encoder without byT5 (comfy.sd: te(byt5=False)): no glyph cond,
+    # so no byT5 keys in the model, though the tokenizer still makes byT5 tokens
+    has_byt5 = getattr(clip.cond_stage_model, "byt5_small", None) is not None
+    strings, words, ends = _byt5_part(clip, text, n_qwen, encoder) if has_byt5 else ([], [], [])
     parts = (("Qwen2.5-VL", 0, n_qwen),) + ((("byT5", n_qwen, n_qwen + len(strings)),) if strings else ())
     return EncoderPromptTokens(text=text, token_strings=list(qwen.token_strings) + strings,
                                words=list(qwen.words) + words, end_positions=tuple(qwen.end_positions) + tuple(ends),

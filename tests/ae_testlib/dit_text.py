@@ -44,14 +44,16 @@ TINY_MISTRAL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers":
 QWEN3_FAMILIES = ("z_image", "klein", "klein_8b")
 # Klein reads Qwen3's hidden states 9, 18 and 27: the tiny encoder keeps 28 layers (of width 32)
 TINY_QWEN3 = {**TINY_QWEN, "num_hidden_layers": 28}
-BUILDABLE = FAMILIES + ("flux2",) + QWEN3_FAMILIES  # flux2: Flux.2 [dev]'s Mistral (tests/test_tekken_tokens.py)
+# flux2: Flux.2 [dev]'s Mistral (tests/test_tekken_tokens.py); hunyuan_image_qwen_only: HunyuanImage's
+# encoder as the single CLIPLoader builds it (comfy.sd: te(byt5=False), no glyph encoder)
+BUILDABLE = FAMILIES + ("flux2", "hunyuan_image_qwen_only") + QWEN3_FAMILIES
 
 
 # the host feature each family's text encoder needs (stable_audio: build_unsupported_clip)
 _FEATURES = {"flux": "flux", "sd3": "sd3", "chroma": "chroma", "qwen_image": "qwen_image",
              "stable_audio": "stable_audio", "wan": "wan", "flux2": "flux2", "z_image": "z_image",
              "klein": "flux2_klein", "klein_8b": "flux2_klein",
-             "hunyuan_image": "hunyuan_image"}
+             "hunyuan_image": "hunyuan_image", "hunyuan_image_qwen_only": "hunyuan_image"}
 
 
 def skip_reason(family):
@@ -87,12 +89,13 @@ def _clip_target(family):
         tokenizer = flux.KleinTokenizer if family == "klein" else flux.KleinTokenizer8B
         model_type = "qwen3_4b" if family == "klein" else "qwen3_8b"
         return comfy.supported_models_base.ClipTarget(tokenizer, flux.klein_te(model_type=model_type))
-    if family == "hunyuan_image":  # Qwen2.5-VL (hidden layer -3) with a tiny vision tower, and byT5
+    if family.startswith("hunyuan_image"):  # Qwen2.5-VL (hidden layer -3) with a tiny vision tower, and byT5
         from comfy.text_encoders import hunyuan_image
 
         return comfy.supported_models_base.ClipTarget(
             hunyuan_image.HunyuanImageTokenizer,
-            _tiny_vision_qwen_te(hunyuan_image.te(), hunyuan_image.Qwen25_7BVLIModel, "hidden", -3))
+            _tiny_vision_qwen_te(hunyuan_image.te(byt5=family == "hunyuan_image"), hunyuan_image.Qwen25_7BVLIModel,
+                                 "hidden", -3))
     if family == "wan":
         return sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v"}).clip_target({})
     if family == "flux2":  # [dev]: the checkpoint's Mistral-Small-3.1 keys (all 40 layers: not pruned)
@@ -156,7 +159,7 @@ def _model_options(family):
             # HunyuanImage's byT5 gets model_options without a model_name: its key is "_model_config"
             # and its Qwen2.5-VL reads hidden layer -3: 4 layers
             **({"_model_config": dict(TINY_T5), "qwen25_7b_model_config": {**TINY_QWEN, "num_hidden_layers": 4}}
-               if family == "hunyuan_image" else {})}
+               if family.startswith("hunyuan_image") else {})}
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ region at latent size (min / mean).
 HunyuanImage 2.1 (20 + 40 blocks, patch 1) runs on a 12 x 17 latent: the same 12 x 17 token grid.
 """
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -107,7 +108,7 @@ def main():
         source = {"samples": source["samples"][:, :, None]}
     width = positive[0][0].shape[-1]
     pooled = positive[0][1]["pooled_output"]
-    original, mass_families = capture_mod.start_columns, capture_mod.TEXT_MASS_START
+    original, family_of = capture_mod.start_columns, capture_mod.dit_family
     results = {}
     for seed in range(args.seeds):
         family, variant = ("flux", "flux2") if args.family == "flux2" else (args.family, None)
@@ -120,15 +121,16 @@ def main():
                 for name in args.candidates.split(","):
                     capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns.get(name))
                     # "textmass": 1 - the text's share of the joint row (HunyuanImage's default)
-                    capture_mod.TEXT_MASS_START = ("Flux", "SD3", "Qwen-Image", "HunyuanImage") \
-                        if name == "textmass" else ()
+                    start_map = "text_mass" if name == "textmass" else "no_word"
+                    capture_mod.dit_family = lambda m, start_map=start_map: dataclasses.replace(
+                        family_of(m), start_map=start_map)
                     try:
                         with torch.inference_mode():
                             result = ide.sample_instdiffedit(planted, positive, negative, source, 1, steps=8,
                                                              strength=0.5, cfg=1.0, sampler_name="euler",
                                                              scheduler="normal", copies=COPIES)
                     finally:
-                        capture_mod.start_columns, capture_mod.TEXT_MASS_START = original, mass_families
+                        capture_mod.start_columns, capture_mod.dit_family = original, family_of
                     row = results.setdefault((mode, noise, beta, name), [])
                     for image in range(2):
                         row.append((int(result.index[image]) == cat,

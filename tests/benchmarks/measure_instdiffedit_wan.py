@@ -15,12 +15,13 @@ Candidates (umT5 has no start token; the tokens of no word are '</s>' and the ze
 - end: '</s>' alone
 - padmass: the padding keys' share of the model's own row (joint normalisation: 1 - the real
   keys' mass; the 505 padding keys are one key vector repeated), word maps renormalised over the
-  real keys: the default (instdiffedit_capture.TEXT_MASS_START)
+  real keys: the default (the Wan family's start_map "text_mass")
 - first: column 0 (the literal port; a word on umT5)
 
     python tests/benchmarks/measure_instdiffedit_wan.py --variant wan21 --seeds 3 --betas 2,4,8 --noise 0,1
 """
 import argparse
+import dataclasses
 import statistics
 
 import torch
@@ -50,11 +51,11 @@ def main():
     worded = {p for word in tokens.words for p in word.positions}
     columns = {"noword": [i for i in range(tokens.n_tokens) if i not in worded], "end": [wr.N_REAL - 1],
                "first": [0]}
-    original_mass, original_start = capture_mod.TEXT_MASS_START, capture_mod.start_columns
+    family_of, original_start = capture_mod.dit_family, capture_mod.start_columns
 
     def use(name):
         if name != "padmass":  # a mean of columns on text-renormalised rows, as the image DiTs
-            capture_mod.TEXT_MASS_START = ()
+            capture_mod.dit_family = lambda model: dataclasses.replace(family_of(model), start_map="no_word")
             capture_mod.start_columns = (lambda cols: (lambda _tokens: cols))(columns[name])
     scale = 16 if args.variant == "wan22_5b" else 8
     results = {}
@@ -66,7 +67,7 @@ def main():
                 try:
                     result = twi.edit(model, twi.source(args.variant), seed=seed)
                 finally:
-                    capture_mod.TEXT_MASS_START, capture_mod.start_columns = original_mass, original_start
+                    capture_mod.dit_family, capture_mod.start_columns = family_of, original_start
                 mask = pack_module("masks.video").pixel_frame_masks(result.mask.float(), scale)
                 ious = twi.frame_ious(mask, scale)
                 row = results.setdefault((noise, beta, name), ([], []))
