@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
-import torch
 
 from ..attention.families import dit_family
 from ..attention.foi_dit import INSTRUCTION_FIRST, NULL_FIRST, FoIDiTState, install_foi_dit

@@ -118,18 +118,9 @@ def test_weighted_words_are_the_rows_the_weight_changes(family):
 
 def test_encode_node_equals_clip_text_encode(family):
     clip = clip_of(family)
-    core = registry.core_nodes()["CLIPTextEncode"]()
     for text in (WEIGHTED, "a cat"):
-        with torch.inference_mode():
-            ours = nodes.encode.AttentionTextEncode().run(clip, text)[0]
-            theirs = core.encode(clip, text)[0]
-        assert len(ours) == len(theirs)
-        for (a, a_opts), (b, b_opts) in zip(ours, theirs):
-            assert torch.equal(a, b)
-            assert set(a_opts) - {tokens.ANNOTATION_KEY} == set(b_opts)
-            for key, value in b_opts.items():
-                assert torch.equal(a_opts[key], value) if torch.is_tensor(value) else a_opts[key] == value
-            assert a_opts[tokens.ANNOTATION_KEY].n_tokens == a.shape[1]
+        for cond, options in dit_text.encode_like_clip_text_encode(clip, text):
+            assert options[tokens.ANNOTATION_KEY].n_tokens == cond.shape[1]
 
 
 def test_repeated_words_and_layout_facts(family):

@@ -5,7 +5,7 @@ then recorded through a Flux.2 model: the template, the left padding and the wor
 import pytest
 import torch
 
-from ae_testlib import dit_host, dit_plant, dit_text, host, registry
+from ae_testlib import dit_host, dit_plant, dit_text, host
 from ae_testlib.pack import pack_module
 
 pytestmark = host.requires("flux2")
@@ -51,18 +51,9 @@ def test_each_word_sits_on_its_own_tokens(clip, text):
 
 
 def test_encode_node_equals_clip_text_encode(clip):
-    core = registry.core_nodes()["CLIPTextEncode"]()
     for text in PROMPTS[:2]:
-        with torch.inference_mode():
-            ours = nodes.encode.AttentionTextEncode().run(clip, text)[0]
-            theirs = core.encode(clip, text)[0]
-        assert len(ours) == len(theirs)
-        for (a, a_opts), (b, b_opts) in zip(ours, theirs):
-            assert torch.equal(a, b)
-            assert set(a_opts) - {tokens.ANNOTATION_KEY} == set(b_opts)
-            for key, value in b_opts.items():
-                assert torch.equal(a_opts[key], value) if torch.is_tensor(value) else a_opts[key] == value
-            assert a_opts[tokens.ANNOTATION_KEY].n_tokens == a.shape[1]
+        for cond, options in dit_text.encode_like_clip_text_encode(clip, text):
+            assert options[tokens.ANNOTATION_KEY].n_tokens == cond.shape[1]
 
 
 @pytest.mark.parametrize("marker", ["[INST]", "[/INST]", "[SYSTEM_PROMPT]"])

@@ -293,3 +293,22 @@ def _mistral_compat(raw):
             super().__init__(handle.name)
 
     mistral.MistralConverter = ComfyCallConverter
+
+
+def encode_like_clip_text_encode(clip, text):
+    """Attention Text Encode's CONDITIONING for `text`, checked to be CLIP Text Encode's bit for bit
+    (every tensor, every option) plus the word annotation only."""
+    from . import registry
+    from .pack import pack_module
+
+    annotation = pack_module("attention.tokens").ANNOTATION_KEY
+    with torch.inference_mode():
+        ours = pack_module("nodes.encode").AttentionTextEncode().run(clip, text)[0]
+        theirs = registry.core_nodes()["CLIPTextEncode"]().encode(clip, text)[0]
+    assert len(ours) == len(theirs)
+    for (cond, options), (cond_ref, options_ref) in zip(ours, theirs):
+        assert torch.equal(cond, cond_ref)
+        assert set(options) - {annotation} == set(options_ref)
+        for key, value in options_ref.items():
+            assert torch.equal(options[key], value) if torch.is_tensor(value) else options[key] == value, key
+    return ours

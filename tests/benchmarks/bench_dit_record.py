@@ -48,33 +48,12 @@ def run(args, model=None):
     _pytorch_attention()
     model = model or build()
     positive, negative = _conditioning(1), _conditioning(2)
+    steps = args.dit_steps
     for size in (int(s) for s in args.dit_sizes.split(",")):
         latent = {"samples": torch.zeros(1, 16, size // 8, size // 8)}
         compare(f"DiT recording, full-width Flux blocks, {size} px, {steps} step(s), cfg 1", model, positive,
                 negative, latent, steps, args.repeats, normalisations=("text", "joint"))
 
-    def recording(normalise):
-        return lambda: record.sample_recording(model, 0, steps, 1.0, "euler", "simple", positive, negative,
-                                               latent, normalise=normalise)
-
-    names = {"text": "recording (text keys)", "joint": "recording (joint)"}
-    variants = {"plain sampling": measured("plain sampling", plain)}
-    variants.update({names[n]: measured(names[n], recording(n)) for n in normalisations})
-    medians, runs = interleaved(variants, repeats)
-    report(f"{label}, {steps} step(s), cfg 1", medians, "plain sampling", target=1.05)
-    for name, values in runs.items():
-        print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-    report("same runs, CPU time of the sampling thread", {n: statistics.median(v) for n, v in cpu.items()},
-           "plain sampling", target=1.05)
-    for name, values in cpu.items():
-        print(f"  {name:<28} runs: {', '.join(f'{v:.2f}' for v in values)} s")
-    base = peaks["plain sampling"]
-    print("  peak RSS rise: " + ", ".join(f"{n} {p / 2 ** 20:.0f} MiB" for n, p in peaks.items())
-          + "; extra over plain: " + ", ".join(f"{n} {(p - base) / max(base, 1):+.1%}"
-                                                for n, p in peaks.items() if n != "plain sampling"))
-
-
-def memory_report(model, positive, negative):
     print("\n## DiT recorded-map memory (full-width Flux, 256 px)")
     latent = {"samples": torch.zeros(1, 16, 32, 32)}
     for steps in (2, 6):

@@ -24,8 +24,6 @@ import argparse
 import dataclasses
 import statistics
 
-import torch
-
 from common import pack_module, setup
 
 
@@ -44,7 +42,7 @@ def main():
     comfy.utils.PROGRESS_BAR_ENABLED = False
     import test_wan_instdiffedit as twi
     import test_wan_record as wr
-    from ae_testlib import dit_plant, wan_host
+    from ae_testlib import dit_plant
 
     capture_mod = pack_module("samplers.instdiffedit_capture")
     tokens = wr.annotated()
