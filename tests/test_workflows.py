@@ -14,7 +14,7 @@ WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 DIT_WORKFLOWS = {"flux_record_attention.json", "qwen_image_record_attention.json", "instdiffedit_flux.json",
                  "foi_flux_kontext.json", "foi_qwen_image_edit.json", "flux2_record_attention.json",
                  "wan_record_attention.json", "instdiffedit_wan22.json", "wan_vace_word_mask_inpaint.json"}
-DIT_WORKFLOWS |= {"hunyuan_image_record_attention.json"}
+DIT_WORKFLOWS |= {"hunyuan_image_record_attention.json", "foi_qwen_image_edit_2511.json"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_CONTROL = {"fixed", "increment", "decrement", "randomize"}
 # model / image file names: the test host has no model files, so a workflow's placeholder file

@@ -382,7 +382,8 @@ def TinySDXLClip(**kwargs):  # noqa: N802 - used as a class by comfy.sd.CLIP
 
 # Workflows whose nodes or loader options only newer hosts have (name without .json -> features):
 # tests/test_workflows.py and the e2e tests skip them elsewhere with the host reason.
-WORKFLOW_FEATURES = {"flux2_record_attention": ("flux2",), "z_image_record_attention": ("z_image",)}
+WORKFLOW_FEATURES = {"flux2_record_attention": ("flux2",), "z_image_record_attention": ("z_image",),
+                     "foi_qwen_image_edit_2511": ("index_timestep_zero",)}
 
 
 def workflow_missing_reason(name):
