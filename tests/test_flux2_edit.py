@@ -188,3 +188,23 @@ def test_foi_node_masks_are_16x_the_latent():
     assert masks.shape == (2, 16 * hw[0], 16 * hw[1])
     expected = region[0].repeat_interleave(16, 0).repeat_interleave(16, 1)
     assert dit_plant.iou(masks[0] > 0.5, expected) >= 0.8
+
+
+@pytest.fixture(scope="module")
+def klein_tokens(comfy_host):
+    dit_text.require_dit_clip("klein")
+    return text_encoders.prompt_tokens(dit_text.build_dit_clip("klein"), PROMPT)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instdiffedit_on_klein(klein_tokens, seed):
+    """Flux.2 [klein] 4B at its 5 + 20 blocks: Qwen3's prompt comes padded to 512 by its tokenizer
+    (no left padding), so the tokens of no word are its chat template and that padding; the start
+    map they make finds each image's region (IoU >= 0.8, the right word), as on [dev]."""
+    regions = regions_for((12, 17))
+    model = dit_host.build("flux", seed=seed, variant="klein", real_depth=True)
+    result = edit(model, klein_tokens, regions, copies=2)
+    assert klein_tokens.n_tokens == 512
+    assert result.index.tolist() == [cat_index(klein_tokens)] * 2
+    for image in range(2):
+        assert dit_plant.iou(result.mask[image], regions[image]) >= 0.8
