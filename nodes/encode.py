@@ -53,6 +53,14 @@ class AttentionTextEncode:
         return (annotate(check_layout(encode(clip, text), tokens, "Attention Text Encode"), tokens),)
 
 
+def qwen_edit_inputs(*images):
+    """The inputs of ComfyUI's Qwen-Image-Edit encode nodes: clip, prompt, and optional vae and images."""
+    return {"required": {
+        "clip": ("CLIP",),
+        "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+    }, "optional": {"vae": ("VAE",), **{name: ("IMAGE",) for name in images}}}
+
+
 class AttentionTextEncodeQwenImageEdit:
     """ComfyUI's TextEncodeQwenImageEdit (the same conditioning, reference latent included) whose
     output also says where the words are: after <|vision_start|>, the image's vision tokens and
@@ -60,13 +68,7 @@ class AttentionTextEncodeQwenImageEdit:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "clip": ("CLIP",),
-            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-        }, "optional": {
-            "vae": ("VAE",),
-            "image": ("IMAGE",),
-        }}
+        return qwen_edit_inputs("image")
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "run"
@@ -112,15 +114,7 @@ class AttentionTextEncodeQwenImageEditPlus:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "clip": ("CLIP",),
-            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True}),
-        }, "optional": {
-            "vae": ("VAE",),
-            "image1": ("IMAGE",),
-            "image2": ("IMAGE",),
-            "image3": ("IMAGE",),
-        }}
+        return qwen_edit_inputs("image1", "image2", "image3")
 
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "run"

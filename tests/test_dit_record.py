@@ -66,25 +66,30 @@ def with_override(model, override):
     return patched
 
 
+def scaled_logits(q, k, mask=None):
+    """q k^T / sqrt(d) (+ the attention mask): what the brute forces softmax, in float64."""
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return logits if mask is None else logits + mask
+
+
+def branch_parts(probs, chunks, branch):
+    """The rows of `probs` ([B, ...], B = chunks x rows per chunk) in `branch`'s cond_or_uncond chunks."""
+    per_chunk = probs.shape[0] // len(chunks)
+    return [probs[index * per_chunk:(index + 1) * per_chunk] for index, kind in enumerate(chunks) if kind == branch]
+
+
 def brute_force(calls, n_txt, n_img, branch=0, normalise="joint"):
     """Mean over calls and branch chunks of the full softmax's image->text block, float64."""
-    total, count = None, 0
+    parts = []
     for q, k, mask, chunks in calls:
         if q.shape[2] < n_txt + n_img:
             continue  # image-only attention
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if mask is not None:
-            logits = logits + mask
+        logits = scaled_logits(q, k, mask)
         if normalise == "text":
             logits = logits[..., :n_txt]
         probs = logits.softmax(-1)[:, :, n_txt:n_txt + n_img, :n_txt].mean(1)
-        per_chunk = q.shape[0] // len(chunks)
-        for index, kind in enumerate(chunks):
-            if kind == branch:
-                part = probs[index * per_chunk:(index + 1) * per_chunk]
-                total = part if total is None else total + part
-                count += 1
-    return total / count
+        parts += branch_parts(probs, chunks, branch)
+    return sum(parts) / len(parts)
 
 
 CASES = [  # family, batch, latent h, w, reference latent

@@ -39,24 +39,17 @@ def brute_force(calls, n_prompt, n_img, normalise, branch=0):
     """Mean over calls and the branch's chunks of the full softmax's image -> prompt block, float64.
     Each chunk's prompt is its last n_prompt text keys (left padding before them); "text" rows are
     renormalised over that prompt's keys only."""
-    total, count = None, 0
+    parts = []
     for q, k, mask, chunks in calls:
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if mask is not None:
-            logits = logits + mask
+        logits = rec.scaled_logits(q, k, mask)
         start = TEXT_LEN - n_prompt
         if normalise == "text":
             probs = logits[..., start:TEXT_LEN].softmax(-1)
         else:
             probs = logits.softmax(-1)[..., start:TEXT_LEN]
         probs = probs[:, :, TEXT_LEN:TEXT_LEN + n_img].mean(1)
-        per_chunk = q.shape[0] // len(chunks)
-        for index, kind in enumerate(chunks):
-            if kind == branch:
-                part = probs[index * per_chunk:(index + 1) * per_chunk]
-                total = part if total is None else total + part
-                count += 1
-    return total / count
+        parts += rec.branch_parts(probs, chunks, branch)
+    return sum(parts) / len(parts)
 
 
 CASES = [  # variant, batch, latent h, w, reference

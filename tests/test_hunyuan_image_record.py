@@ -46,25 +46,18 @@ def brute_force(calls, n_txt, n_img, branch=0, normalise="joint", image_first=No
     image_first = image_first_in_host_code() if image_first is None else image_first
     rows, cols = (slice(0, n_img), slice(n_img, n_img + n_txt)) if image_first else \
         (slice(n_txt, n_txt + n_img), slice(0, n_txt))
-    total, count = None, 0
+    parts = []
     for q, k, mask, chunks in calls:
         if q.shape[2] < n_txt + n_img:
             continue  # the token refiner's text-only self-attention
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if mask is not None:
-            logits = logits + mask
+        logits = rec.scaled_logits(q, k, mask)
         if normalise == "text":
             logits = logits[..., cols]
             probs = logits.softmax(-1)[:, :, rows].mean(1)
         else:
             probs = logits.softmax(-1)[:, :, rows, cols].mean(1)
-        per_chunk = q.shape[0] // len(chunks)
-        for index, kind in enumerate(chunks):
-            if kind == branch:
-                part = probs[index * per_chunk:(index + 1) * per_chunk]
-                total = part if total is None else total + part
-                count += 1
-    return total / count
+        parts += rec.branch_parts(probs, chunks, branch)
+    return sum(parts) / len(parts)
 
 
 def conds(byt5=0, seed=1, **options):

@@ -60,7 +60,7 @@ class CrossAttentionProbe:
         k = module.norm_k(module.k(text)).double()
         q = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
         k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        logits = rec.scaled_logits(q, k)
         if self.normalise == "text":
             probs = torch.zeros_like(logits)
             probs[..., :self.n_real] = logits[..., :self.n_real].softmax(-1)
@@ -68,13 +68,9 @@ class CrossAttentionProbe:
             probs = logits.softmax(-1)
             probs[..., self.n_real:] = 0
         probs = probs.mean(1)
-        chunks = kwargs["transformer_options"].get("cond_or_uncond", [0])
-        per_chunk = probs.shape[0] // len(chunks)
-        for index, kind in enumerate(chunks):
-            if kind == 0:
-                part = probs[index * per_chunk:(index + 1) * per_chunk]
-                self.total = part if self.total is None else self.total + part
-                self.count += 1
+        for part in rec.branch_parts(probs, kwargs["transformer_options"].get("cond_or_uncond", [0]), 0):
+            self.total = part if self.total is None else self.total + part
+            self.count += 1
 
     def mean(self):
         for handle in self.handles:

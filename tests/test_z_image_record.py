@@ -61,25 +61,18 @@ def brute_force(spy, n_real, grid, chosen, branch=0, normalise="text"):
     on the prompt's n_real tokens, float64, from the full logits: text rows start after the padded
     caption; "text" renormalises over the prompt's own tokens, "joint" keeps every key."""
     n_txt, n_img = padded(n_real), grid[0] * grid[1]
-    total, count = None, 0
+    parts = []
     for (q, k, mask, chunks), block in zip(spy.calls, spy.blocks):
         if block not in chosen or q.shape[2] < n_txt + n_img:
             continue
-        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if mask is not None:
-            logits = logits + mask
+        logits = rec.scaled_logits(q, k, mask)
         rows = slice(n_txt, n_txt + n_img)
         if normalise == "text":
             probs = logits[:, :, rows, :n_real].softmax(-1).mean(1)
         else:
             probs = logits.softmax(-1)[:, :, rows, :n_real].mean(1)
-        per_chunk = q.shape[0] // len(chunks)
-        for index, kind in enumerate(chunks):
-            if kind == branch:
-                part = probs[index * per_chunk:(index + 1) * per_chunk]
-                total = part if total is None else total + part
-                count += 1
-    return total / count
+        parts += rec.branch_parts(probs, chunks, branch)
+    return sum(parts) / len(parts)
 
 
 def grid_of(height, width):
